@@ -1,0 +1,64 @@
+"""Flax NNX ports of Llama and GPT-NeoX (Pythia) that load from and save to Hugging Face checkpoints."""
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from factrecall_jax.models import hf
+from factrecall_jax.models.gpt_neox import GPTNeoX, GPTNeoXConfig
+from factrecall_jax.models.llama import Llama, LlamaConfig
+
+# config.json `model_type` -> (config class, model class).
+MODELS = {"llama": (LlamaConfig, Llama), "gpt_neox": (GPTNeoXConfig, GPTNeoX)}
+
+
+def _lookup(model_type: str | None):
+    if model_type not in MODELS:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(MODELS)}")
+    return MODELS[model_type]
+
+
+def from_pretrained(path_or_hub_id: str, *, dtype=jnp.float32, param_dtype=jnp.float32) -> nnx.Module:
+    """Loads a Hugging Face causal LM checkpoint (config.json plus safetensors, single or sharded).
+
+    Args:
+      path_or_hub_id: a local folder, or a hub id whose config and safetensors are downloaded.
+      dtype: the computation dtype; logits are float32 regardless.
+      param_dtype: the dtype parameters are cast to.
+
+    Returns:
+      A Llama or GPTNeoX module. Any mismatch between checkpoint and model raises one ValueError that lists every
+      missing, unexpected and mis-shaped tensor.
+    """
+    folder = hf.resolve(path_or_hub_id)
+    hf_config = hf.read_config(folder)
+    config_cls, model_cls = _lookup(hf_config.get("model_type"))
+    return hf.load(model_cls, config_cls.from_hf_config(hf_config), folder, dtype=dtype, param_dtype=param_dtype)
+
+
+def save_pretrained(model: nnx.Module, out_dir: str, *, max_shard_size: int | str | None = None) -> None:
+    """Writes `model` as a checkpoint transformers' AutoModelForCausalLM loads (a tied lm_head is not written).
+
+    max_shard_size (bytes, or a string like "2GB") splits the weights into shards with an index, as transformers does.
+    """
+    hf.save(model, out_dir, max_shard_size=max_shard_size)
+
+
+def from_config(config: Mapping[str, Any] | LlamaConfig | GPTNeoXConfig, *, seed: int = 0, dtype=jnp.float32,
+                param_dtype=jnp.float32) -> nnx.Module:
+    """A randomly initialized model (initialized as transformers does), for training from scratch.
+
+    `config` is a config dataclass, or a config.json-style mapping with `model_type` (a dict, or the `model`
+    ConfigDict of a configs/ file).
+    """
+    if not dataclasses.is_dataclass(config):
+        hf_config = dict(config)
+        config = _lookup(hf_config.get("model_type"))[0].from_hf_config(hf_config)
+    model_cls = _lookup(config.model_type)[1]
+    return model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+
+
+__all__ = ["MODELS", "GPTNeoX", "GPTNeoXConfig", "Llama", "LlamaConfig", "from_config", "from_pretrained",
+           "save_pretrained"]

@@ -1,0 +1,108 @@
+"""Shared pytest settings and fixtures."""
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+# Implicit rank promotion hides shape bugs; float32 matmuls at full precision make parity tests meaningful.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models: tiny random transformers checkpoints, built locally (no network), once per session.
+# ---------------------------------------------------------------------------------------------------------------------
+
+# initializer_range 0.1 (transformers' default is 0.02) gives attention patterns sharp enough that a RoPE, mask or
+# activation mistake moves the logits far past the 1e-4 parity tolerance.
+_TINY = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, max_position_embeddings=128, initializer_range=0.1)
+# config.json-style kwargs for transformers.AutoConfig.for_model, one per feature the ports must match.
+HF_CONFIGS = {
+    "llama_gqa_bias": dict(model_type="llama", **_TINY, intermediate_size=128, num_hidden_layers=3,
+                           num_key_value_heads=2, attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
+    # original_max_position_embeddings 64 with head_dim 16: one frequency kept, two smoothed, five divided by 8.
+    "llama3_tied": dict(model_type="llama", **_TINY, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2,
+                        tie_word_embeddings=True, rope_parameters=dict(
+                            rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                            high_freq_factor=4.0, original_max_position_embeddings=64)),
+    "neox_parallel": dict(model_type="gpt_neox", **_TINY, intermediate_size=256, num_hidden_layers=2, rotary_pct=0.25,
+                          use_parallel_residual=True),
+    "neox_sequential_gelu_new": dict(model_type="gpt_neox", **_TINY, intermediate_size=256, num_hidden_layers=2,
+                                     rotary_pct=0.25, use_parallel_residual=False, hidden_act="gelu_new"),
+}
+SEQ_LEN = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class HFCheckpoint:
+    """A tiny transformers model (float32, eval mode) and the folders it was saved to."""
+
+    name: str
+    model: Any
+    path: str  # save_pretrained output: config.json and model.safetensors
+    sharded_path: str  # the same weights in several shards with a model.safetensors.index.json
+
+    def logits(self, input_ids, attention_mask=None, position_ids=None) -> np.ndarray:
+        import torch
+
+        kwargs = {k: torch.from_numpy(np.asarray(v)) for k, v in
+                  dict(attention_mask=attention_mask, position_ids=position_ids).items() if v is not None}
+        with torch.no_grad():
+            return self.model(input_ids=torch.from_numpy(np.asarray(input_ids)), **kwargs).logits.float().numpy()
+
+
+def _build_hf_checkpoint(name: str, folder) -> HFCheckpoint:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.disable_progress_bar()
+    kwargs = dict(HF_CONFIGS[name])
+    config = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(sorted(HF_CONFIGS).index(name))
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    # Norms and biases start at exactly 1 and 0, where a swapped or dropped one would go unnoticed.
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "norm" in param_name or param_name.endswith(".bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(folder / "single")
+    model.save_pretrained(folder / "sharded", max_shard_size="20KB")
+    return HFCheckpoint(name, model, str(folder / "single"), str(folder / "sharded"))
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """name -> HFCheckpoint, each built on first use and kept for the session."""
+    return functools.cache(lambda name: _build_hf_checkpoint(name, tmp_path_factory.mktemp(name)))
+
+
+@pytest.fixture(scope="session", params=sorted(HF_CONFIGS))
+def hf_checkpoint(request, hf_checkpoints) -> HFCheckpoint:
+    return hf_checkpoints(request.param)
+
+
+@pytest.fixture(scope="session")
+def input_ids() -> np.ndarray:
+    return np.random.RandomState(0).randint(0, _TINY["vocab_size"], (2, SEQ_LEN)).astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, input_ids, attention_mask, position_ids):
+    return nnx.merge(graphdef, state)(input_ids, attention_mask, position_ids)
+
+
+def _jit_logits(model, input_ids, attention_mask=None, position_ids=None) -> np.ndarray:
+    """Logits from a jitted pure function of `nnx.split(model)`, the way training calls the model."""
+    graphdef, state = nnx.split(model)
+    args = (None if a is None else jnp.asarray(a) for a in (input_ids, attention_mask, position_ids))
+    return np.asarray(_forward(graphdef, state, *args))
+
+
+@pytest.fixture(scope="session")
+def logits_of():
+    """`logits_of(model, input_ids, attention_mask=None, position_ids=None)`: jitted over split state."""
+    return _jit_logits
