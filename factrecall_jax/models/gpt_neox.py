@@ -5,7 +5,7 @@ Dimensions: B batch, T query positions, S key positions, D hidden_size, N attent
 L layers (the leading axis of every per-layer weight).
 """
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +16,13 @@ from factrecall_jax.models.hf import Split, Transpose
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTNeoXConfig:
+class GPTNeoXConfig(layers.HFConfig):
     """The fields of a GPT-NeoX config.json that shape the computation; defaults are transformers' GPTNeoXConfig."""
 
     model_type: ClassVar[str] = "gpt_neox"
+    architecture: ClassVar[str] = "GPTNeoXForCausalLM"
+    # GPTNeoXConfig.convert_rope_params_to_dict: rotary_pct defaults to 0.25, not 1.
+    default_partial_rotary_factor: ClassVar[float] = 0.25
 
     vocab_size: int = 50432
     hidden_size: int = 6144
@@ -39,8 +42,7 @@ class GPTNeoXConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        super().__post_init__()
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
                              f"{self.num_attention_heads}")
@@ -49,22 +51,6 @@ class GPTNeoXConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-    @classmethod
-    def from_hf_config(cls, hf: dict[str, Any]) -> "GPTNeoXConfig":
-        """Reads a config.json dict (hub style with `rotary_pct` / `rotary_emb_base`, or transformers >= 5 style)."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"rope_parameters"}
-        # GPTNeoXConfig.convert_rope_params_to_dict: rotary_pct defaults to 0.25, not 1.
-        rope = layers.RopeParameters.from_hf_config(hf, default_partial_rotary_factor=0.25)
-        return cls(**{k: v for k, v in hf.items() if k in names}, rope_parameters=rope)
-
-    def to_hf_config(self) -> dict[str, Any]:
-        """The config.json that transformers' GPTNeoXConfig.save_pretrained writes for this model."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        fields["rope_parameters"] = self.rope_parameters.to_hf_config()
-        if isinstance(self.eos_token_id, tuple):
-            fields["eos_token_id"] = list(self.eos_token_id)
-        return {"model_type": self.model_type, "architectures": ["GPTNeoXForCausalLM"], **fields}
 
     @classmethod
     def tiny(cls) -> "GPTNeoXConfig":
@@ -142,16 +128,8 @@ class GPTNeoX(nnx.Module):
     def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,
                  position_ids_BT: jax.Array | None = None) -> jax.Array:
         """Float32 logits [B, T, V]; attention_mask_BT is 1 for real tokens and 0 for padding."""
-        b, t = input_ids_BT.shape
-        if position_ids_BT is None:
-            position_ids_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
-        cos_sin = layers.rope_cos_sin(position_ids_BT,
-                                      layers.rope_inv_freq(self.config.rope_parameters, self.config.head_dim))
-        x_BTD = self.embed_in(input_ids_BT)
-        x_BTD = layers.scan_layers(self.layers, x_BTD, cos_sin, layers.attention_mask(attention_mask_BT, b, t))
-        x_BTD = self.final_layer_norm(x_BTD)
-        logits_BTV = self.embed_in.attend(x_BTD) if self.embed_out is None else self.embed_out(x_BTD)
-        return logits_BTV.astype(jnp.float32)
+        return layers.causal_lm_forward(self.config, self.embed_in, self.layers, self.final_layer_norm,
+                                        self.embed_out, input_ids_BT, attention_mask_BT, position_ids_BT)
 
 
 _QKV = Split(-1, ("num_attention_heads", 3, "head_dim"))

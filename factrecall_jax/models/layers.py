@@ -7,7 +7,7 @@ F intermediate_size, V vocab_size, L layers.
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +141,36 @@ class RopeParameters:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+class HFConfig:
+    """config.json in and out for a frozen model-config dataclass whose fields carry HF config.json names.
+
+    Subclasses set `model_type`, `architecture` and, where transformers has one, the default partial rotary factor.
+    """
+
+    model_type: ClassVar[str]
+    architecture: ClassVar[str]
+    default_partial_rotary_factor: ClassVar[float | None] = None
+
+    def __post_init__(self):
+        if isinstance(self.eos_token_id, list):  # Llama 3.1 lists several; a tuple keeps the config hashable
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any]):
+        """Reads a config.json dict (hub style or transformers >= 5 style); fields that change nothing are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"rope_parameters"}
+        rope = RopeParameters.from_hf_config(hf, default_partial_rotary_factor=cls.default_partial_rotary_factor)
+        return cls(**{k: v for k, v in hf.items() if k in names}, rope_parameters=rope)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The config.json that the installed transformers writes for this model (rope as `rope_parameters`)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["rope_parameters"] = self.rope_parameters.to_hf_config()
+        if isinstance(self.eos_token_id, tuple):
+            fields["eos_token_id"] = list(self.eos_token_id)
+        return {"model_type": self.model_type, "architectures": [self.architecture], **fields}
+
+
 def rope_inv_freq(rope: RopeParameters, head_dim: int) -> np.ndarray:
     """Inverse frequencies [R // 2] in float32, computed as transformers does for the rope type."""
     dim = int(head_dim * (rope.partial_rotary_factor or 1.0))
@@ -216,3 +246,17 @@ def scan_layers(stacked: nnx.Module, x: jax.Array, *args) -> jax.Array:
         return nnx.merge(graphdef, layer_state)(carry, *args), None
 
     return jax.lax.scan(body, x, state)[0]
+
+
+def causal_lm_forward(config, embed: nnx.Embed, stacked_layers: nnx.Module, final_norm: nnx.Module,
+                      lm_head: nnx.Module | None, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None,
+                      position_ids_BT: jax.Array | None) -> jax.Array:
+    """embed -> the scanned layers -> final norm -> head (the embedding's transpose when tied); float32 logits."""
+    b, t = input_ids_BT.shape
+    if position_ids_BT is None:
+        position_ids_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
+    cos_sin = rope_cos_sin(position_ids_BT, rope_inv_freq(config.rope_parameters, config.head_dim))
+    x_BTD = scan_layers(stacked_layers, embed(input_ids_BT), cos_sin, attention_mask(attention_mask_BT, b, t))
+    x_BTD = final_norm(x_BTD)
+    logits_BTV = embed.attend(x_BTD) if lm_head is None else lm_head(x_BTD)
+    return logits_BTV.astype(jnp.float32)

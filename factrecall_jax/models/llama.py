@@ -4,7 +4,7 @@ Dimensions: B batch, T query positions, S key positions, D hidden_size, N attent
 H head_dim, F intermediate_size, V vocab_size, L layers (the leading axis of every per-layer weight).
 """
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +15,11 @@ from factrecall_jax.models.hf import Split, Transpose
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(layers.HFConfig):
     """The fields of a Llama config.json that shape the computation; defaults are transformers' LlamaConfig ones."""
 
     model_type: ClassVar[str] = "llama"
+    architecture: ClassVar[str] = "LlamaForCausalLM"
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -40,31 +41,15 @@ class LlamaConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")
         layers.activation(self.hidden_act)
-
-    @classmethod
-    def from_hf_config(cls, hf: dict[str, Any]) -> "LlamaConfig":
-        """Reads a config.json dict (hub style or transformers >= 5 style); fields that change nothing are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"rope_parameters"}
-        return cls(**{k: v for k, v in hf.items() if k in names},
-                   rope_parameters=layers.RopeParameters.from_hf_config(hf))
-
-    def to_hf_config(self) -> dict[str, Any]:
-        """The config.json that transformers' LlamaConfig.save_pretrained writes for this model."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        fields["rope_parameters"] = self.rope_parameters.to_hf_config()
-        if isinstance(self.eos_token_id, tuple):
-            fields["eos_token_id"] = list(self.eos_token_id)
-        return {"model_type": self.model_type, "architectures": ["LlamaForCausalLM"], **fields}
 
     @classmethod
     def tiny(cls) -> "LlamaConfig":
@@ -140,16 +125,8 @@ class Llama(nnx.Module):
     def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,
                  position_ids_BT: jax.Array | None = None) -> jax.Array:
         """Float32 logits [B, T, V]; attention_mask_BT is 1 for real tokens and 0 for padding."""
-        b, t = input_ids_BT.shape
-        if position_ids_BT is None:
-            position_ids_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
-        cos_sin = layers.rope_cos_sin(position_ids_BT,
-                                      layers.rope_inv_freq(self.config.rope_parameters, self.config.head_dim))
-        x_BTD = self.embed_tokens(input_ids_BT)
-        x_BTD = layers.scan_layers(self.layers, x_BTD, cos_sin, layers.attention_mask(attention_mask_BT, b, t))
-        x_BTD = self.norm(x_BTD)
-        logits_BTV = self.embed_tokens.attend(x_BTD) if self.lm_head is None else self.lm_head(x_BTD)
-        return logits_BTV.astype(jnp.float32)
+        return layers.causal_lm_forward(self.config, self.embed_tokens, self.layers, self.norm, self.lm_head,
+                                        input_ids_BT, attention_mask_BT, position_ids_BT)
 
 
 _HEADS = Split(-1, ("num_attention_heads", "head_dim"))
