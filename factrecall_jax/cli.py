@@ -12,7 +12,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, NotADir
 
 
 def _fail(message):
-    print(f"error: {message}", file=sys.stderr)
+    # One line even when the message quotes a multi-line library error (hub downloads, tokenizer loading).
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
     logging.flush()
     sys.exit(2)
 

@@ -14,6 +14,16 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Prints the parity figures that tests recorded with `record_property("parity", line)`, without needing -s."""
+    lines = [value for reports in terminalreporter.stats.values() for report in reports
+             for name, value in getattr(report, "user_properties", ()) if name == "parity"]
+    if lines:
+        terminalreporter.section("parity with transformers (float32)")
+        for line in sorted(set(lines)):
+            terminalreporter.write_line(line)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Models: tiny random transformers checkpoints, built locally (no network), once per session.
 # ---------------------------------------------------------------------------------------------------------------------

@@ -52,3 +52,12 @@ def test_run_keeps_tracebacks_for_bugs():
 
     with pytest.raises(ZeroDivisionError):
         cli.run(main)([])
+
+
+def test_run_prints_multi_line_messages_on_one_line(capsys):
+    def main(argv):
+        raise FileNotFoundError("could not be downloaded: ConnectError\nCheck your internet connection.")
+
+    with pytest.raises(SystemExit):
+        cli.run(main)([])
+    assert capsys.readouterr().err == "error: could not be downloaded: ConnectError Check your internet connection.\n"

@@ -380,6 +380,13 @@ def test_word_tokenizer_length_with_five_templates():
     assert 37 <= np.mean(lengths) <= 45  # the default (first) templates are the shortest: 37
 
 
-def test_load_tokenizer_error_is_a_value_error(tmp_path):
-    with pytest.raises(ValueError, match="cannot load the tokenizer"):
+def test_load_tokenizer_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'missing'} is not a folder"):
         data.load_tokenizer(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'empty'} has none of tokenizer.json"):
+        data.load_tokenizer(str(tmp_path / "empty"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match=f"cannot load the tokenizer '{tmp_path / 'broken'}'"):
+        data.load_tokenizer(str(tmp_path / "broken"))

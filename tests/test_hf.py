@@ -112,6 +112,11 @@ def _edited_copy(src, dst, edit):
     return dst
 
 
+def _assert_one_line(error):
+    """Launch scripts print a user error as `error: <message>`: the message must be one line."""
+    assert "\n" not in str(error.value), str(error.value)
+
+
 def _without(name):
     return lambda tensors: {k: v for k, v in tensors.items() if k != name}
 
@@ -130,8 +135,9 @@ def _with(name, value):
 ], ids=["missing_lm_head", "missing_bias", "wrong_shape", "unexpected"])
 def test_bad_tensors(edit, message, hf_checkpoints, tmp_path):
     folder = _edited_copy(hf_checkpoints("llama_gqa_bias").path, tmp_path / "bad", edit)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as error:
         models.from_pretrained(folder)
+    _assert_one_line(error)
 
 
 def test_all_tensor_problems_reported_together(hf_checkpoints, tmp_path):
@@ -144,6 +150,7 @@ def test_all_tensor_problems_reported_together(hf_checkpoints, tmp_path):
         models.from_pretrained(folder)
     assert all(s in str(error.value) for s in ("missing (1): model.norm.weight", "unexpected (1): extra.weight",
                                                "lm_head.weight (expected (128, 64), got (127, 64))"))
+    _assert_one_line(error)
 
 
 def test_buffers_in_old_checkpoints_are_ignored(hf_checkpoints, input_ids, logits_of, tmp_path):
@@ -157,13 +164,16 @@ def test_buffers_in_old_checkpoints_are_ignored(hf_checkpoints, input_ids, logit
 
 
 def test_bad_folders(hf_checkpoints, tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nowhere'} is not a folder"):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nowhere'} is not a folder") as error:
         models.from_pretrained(str(tmp_path / "nowhere"))
+    _assert_one_line(error)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'empty'} has no config.json"):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'empty'} has no config.json") as error:
         models.from_pretrained(str(tmp_path / "empty"))
+    _assert_one_line(error)
     folder = shutil.copytree(hf_checkpoints("llama_gqa_bias").path, tmp_path / "gpt2")
     with open(folder / "config.json", "w") as f:
         json.dump({"model_type": "gpt2"}, f)
-    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'; supported: llama, gpt_neox"):
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'; supported: llama, gpt_neox") as error:
         models.from_pretrained(str(folder))
+    _assert_one_line(error)

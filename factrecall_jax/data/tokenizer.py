@@ -6,12 +6,15 @@ stays near 2k instead of growing by one token per date. Other words are split on
 tokens of its own. Decoding joins tokens with spaces and removes the space before punctuation (the WordPiece decoder's
 cleanup), so every text and every answer decodes back exactly. Like Llama 3, its post-processor adds `<bos>`.
 """
+import os
 import re
 
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+# A folder holding none of these is no tokenizer (transformers would say something less direct).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def _trie_pattern(words):
@@ -62,9 +65,14 @@ def load_tokenizer(name_or_path) -> transformers.PreTrainedTokenizerBase:
 
     Tokenizers without a pad token (Llama 3) get EOS as pad; padding positions carry no loss, so the id is harmless.
     """
+    path = os.path.expanduser(str(name_or_path))
+    if path.startswith(("/", ".")) and not os.path.isdir(path):
+        raise FileNotFoundError(f"{name_or_path} is not a folder")
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{name_or_path} has none of {', '.join(TOKENIZER_FILES)}")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as e:
+    except Exception as e:  # transformers raises OSError, ValueError or KeyError for files it cannot read
         raise ValueError(f"cannot load the tokenizer {name_or_path!r}: {e}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -123,7 +123,7 @@ def load(model_cls, config, folder: str, *, dtype=jnp.float32, param_dtype=jnp.f
     """Builds `model_cls(config)` with every parameter read from the safetensors in `folder`.
 
     All problems (missing, unexpected and mis-shaped tensors, parameters no table row fills) are collected and
-    raised together as one ValueError.
+    raised together as one ValueError of one line, which launch scripts print as it is.
     """
     abstract = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(abstract)
@@ -160,7 +160,7 @@ def load(model_cls, config, folder: str, *, dtype=jnp.float32, param_dtype=jnp.f
         ("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape),
         (f"parameters without a row in {model_cls.__module__}.HF_WEIGHTS", unmapped)) if names]
     if problems:
-        raise ValueError(f"{folder} does not fit {model_cls.__name__}:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{folder} does not fit {model_cls.__name__}: " + "; ".join(problems))
     state = nnx.from_flat_state([(p, var.replace(jnp.asarray(values[name]))) for name, (p, var) in leaves.items()])
     return nnx.merge(graphdef, state)
 
