@@ -238,14 +238,14 @@ def test_permute_and_fullname_keep_spans_right():
 
 def test_paraphrase_splits_reword_the_questions(small):
     config, ds = small
+    people = data.sample_people(config.num_people, config.seed)
     for group in ("train", "test"):
         plain, reworded = rows(ds[f"qa_{group}"]), rows(ds[f"qa_{group}_paraphrase"])
         assert {r["person_id"] for r in plain} == {r["person_id"] for r in reworded}
         assert len(reworded) == config.qa_paraphrases * len(plain)
         by_question = collections.defaultdict(list)
         for row in reworded:
-            person = data.sample_people(config.num_people, config.seed)[row["person_id"]]
-            template = row["prompt"].replace(person.name, "{name}")
+            template = row["prompt"].replace(people[row["person_id"]].name, "{name}")
             assert template in templates.PARAPHRASES[row["attribute"]]
             by_question[row["person_id"], row["attribute"]].append(template)
         assert all(len(set(t)) == config.qa_paraphrases for t in by_question.values())
