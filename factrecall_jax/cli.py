@@ -5,7 +5,7 @@ import shutil
 import sys
 import tempfile
 
-from absl import app, logging
+from absl import app, flags, logging
 
 # Errors a user causes (bad config, bad path, bad checkpoint); anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, NotADirectoryError)
@@ -19,9 +19,15 @@ def _fail(message):
 
 
 def run(main):
-    """Wraps an absl `main(argv)`: a user error prints `error: ...` on one line and exits with status 2."""
+    """Wraps an absl `main(argv)`: a user error prints `error: ...` on one line and exits with status 2.
+
+    Library logs below ERROR (orbax logs every checkpoint operation) are hidden unless --verbosity is given;
+    progress is printed.
+    """
 
     def wrapped(argv):
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.ERROR)
         if len(argv) > 1:
             _fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag)")
         try:

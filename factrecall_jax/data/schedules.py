@@ -1,0 +1,147 @@
+"""Training schedules as data: two-stage and mixed differ only in which rows each step reads.
+
+A schedule is a tuple of `Phase`s run in order. Which rows a step reads, and which BIO value tokens it drops, is a
+pure function of (seed, phase, step), so a resumed run needs no iterator state and a forked stage 2 reads exactly
+what the unforked one would. Within a phase each task walks through its split in epochs, each a fresh permutation;
+a batch that runs past the end of an epoch continues into the next, so every batch is full, even when a split has
+fewer rows than the batch.
+
+A batch maps each task ("bio", "qa") to {"inputs", "targets", "weights"} [B, T]: targets are the inputs shifted by
+one, weights the loss mask of the targets, T the longest row of the batch minus one (right padding, which causal
+attention never sees from real tokens).
+"""
+import dataclasses
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+# The split each task trains on.
+TASK_SPLITS = {"bio": "bio", "qa": "qa_train"}
+_DROPOUT_STREAM = len(TASK_SPLITS)  # the rng stream after the tasks' permutation streams
+
+
+def _is_count(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """`steps` optimizer steps on batches of `batch_sizes` rows per task, with `optimizer` (a train.OptimizerConfig).
+
+    fresh_optimizer: start this phase with a new optimizer state (moments and schedule count reset); otherwise the
+      previous phase's moments carry over and only the learning rate and weight decay change.
+    """
+    name: str
+    steps: int
+    batch_sizes: Mapping[str, int]
+    optimizer: Any
+    fresh_optimizer: bool = True
+
+    def __post_init__(self):
+        if not _is_count(self.steps):
+            raise ValueError(f"phase {self.name!r}: steps={self.steps!r} is invalid: expected a positive integer")
+        for task, size in self.batch_sizes.items():
+            if task not in TASK_SPLITS:
+                raise ValueError(f"phase {self.name!r}: unknown task {task!r}; tasks: {', '.join(TASK_SPLITS)}")
+            if not _is_count(size):
+                raise ValueError(f"phase {self.name!r}: batch size {size!r} for {task!r} is invalid: "
+                                 "expected a positive integer")
+
+
+def mixed(steps: int, bio_batch: int, qa_batch: int, optimizer) -> tuple[Phase, ...]:
+    """Every batch holds `bio_batch` biographies and `qa_batch` training QA pairs."""
+    return (Phase("mixed", steps, {"bio": bio_batch, "qa": qa_batch}, optimizer),)
+
+
+def two_stage(stage1_steps: int, bio_batch: int, stage2_steps: int, qa_batch: int, optimizer, stage2_optimizer,
+              fresh_optimizer: bool = True) -> tuple[Phase, ...]:
+    """Biographies only, then training QA pairs only, with stage 2's own optimizer settings."""
+    return (Phase("bio", stage1_steps, {"bio": bio_batch}, optimizer),
+            Phase("qa", stage2_steps, {"qa": qa_batch}, stage2_optimizer, fresh_optimizer))
+
+
+def phase_starts(phases) -> list[int]:
+    """The global step at which each phase starts, and the total number of steps last."""
+    return np.cumsum([0] + [p.steps for p in phases]).tolist()
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenTable:
+    """One tokenized split as padded numpy arrays [N, L] (L: its longest row), for fast row gathering."""
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    value_ids: np.ndarray  # index into ATTRIBUTES of the value a token belongs to, -1 elsewhere
+    lengths: np.ndarray
+    pad_id: int
+
+    @classmethod
+    def from_split(cls, split, pad_id: int) -> "TokenTable":
+        rows = split.select_columns(["input_ids", "loss_mask", "value_attribute_ids"]).to_dict()
+        lengths = np.array([len(ids) for ids in rows["input_ids"]], np.int32)
+        width = int(lengths.max(initial=0))
+
+        def padded(column, fill, dtype):
+            out = np.full((len(lengths), width), fill, dtype)
+            for i, values in enumerate(rows[column]):
+                out[i, :len(values)] = values
+            return out
+
+        return cls(padded("input_ids", pad_id, np.int32), padded("loss_mask", 0, np.float32),
+                   padded("value_attribute_ids", -1, np.int8), lengths, pad_id)
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def batch(self, rows: np.ndarray, length: int | None = None, drop: np.ndarray | None = None) -> dict:
+        """{"inputs", "targets", "weights"} of `rows`, `length` <= L - 1 tokens each (default: their longest minus one).
+
+        drop [len(rows), length]: input positions replaced by the pad token (targets keep the true token).
+        """
+        length = int(self.lengths[rows].max()) - 1 if length is None else length
+        ids = self.input_ids[rows, :length + 1]
+        inputs = ids[:, :-1] if drop is None else np.where(drop, self.pad_id, ids[:, :-1])
+        return {"inputs": inputs, "targets": ids[:, 1:], "weights": self.loss_mask[rows, 1:length + 1]}
+
+
+def row_indices(num_rows: int, batch_size: int, seed: int, phase: int, task: int, step: int) -> np.ndarray:
+    """The rows a phase's `step` reads for one task: positions step*B .. step*B+B-1 of its chain of epochs."""
+    if num_rows == 0:
+        raise ValueError("cannot draw a batch from an empty split")
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = np.divmod(positions, num_rows)
+    rows = np.empty(batch_size, np.int64)
+    for epoch in np.unique(epochs):
+        order = np.random.default_rng((seed, phase, task, int(epoch))).permutation(num_rows)
+        rows[epochs == epoch] = order[offsets[epochs == epoch]]
+    return rows
+
+
+def value_dropout(value_ids: np.ndarray, rate: float, seed: int, phase: int, step: int) -> np.ndarray:
+    """Which input positions of a BIO batch to replace by the pad token: each value token with probability `rate`."""
+    draws = np.random.default_rng((seed, phase, _DROPOUT_STREAM, step)).random(value_ids.shape)
+    return (value_ids >= 0) & (draws < rate)
+
+
+def phase_batches(phases, index: int, start: int, stop: int, tables: Mapping[str, TokenTable], seed: int,
+                  bio_value_dropout: float = 0.0) -> dict:
+    """Steps start..stop-1 (counted within phase `index`) stacked on a leading axis: {task: {name: [K, B, T]}}.
+
+    All K batches of a task share one length (the longest of them), so they stack; K is what one jitted call fuses.
+    """
+    phase = phases[index]
+    out = {}
+    for task, size in sorted(phase.batch_sizes.items()):
+        table = tables[TASK_SPLITS[task]]
+        task_id = list(TASK_SPLITS).index(task)
+        rows = [row_indices(len(table), size, seed, index, task_id, step) for step in range(start, stop)]
+        length = int(max(table.lengths[r].max() for r in rows)) - 1
+        batches = []
+        for step, r in zip(range(start, stop), rows):
+            drop = None
+            if task == "bio" and bio_value_dropout > 0:
+                drop = value_dropout(table.value_ids[r, :length], bio_value_dropout, seed, index, step)
+            batches.append(table.batch(r, length, drop))
+        out[task] = {name: np.stack([b[name] for b in batches]) for name in batches[0]}
+    return out

@@ -1,0 +1,303 @@
+"""From a config file to trained, evaluated and checkpointed runs: the loop around the pure train step.
+
+`train(config, workdir)` runs one schedule in a work directory (config.json, checkpoints/, metrics.jsonl) and resumes
+from its last checkpoint when run again with the same config. The order of the data is a pure function of (seed,
+step) and every step boundary is the same in a resumed run, so resuming gives bitwise the uninterrupted result.
+"""
+import dataclasses
+import json
+import os
+import time
+
+import datasets
+import ml_collections
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from factrecall_jax import data, evaluate, models, report, train as train_lib
+from factrecall_jax.checkpoint import Checkpoints
+from factrecall_jax.data import schedules
+
+SCHEDULES = ("mixed", "two_stage")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def load_data(config):
+    """(tokenized DatasetDict, tokenizer) of a config: built in memory in seconds, the same for the same config."""
+    fields = {f.name for f in dataclasses.fields(data.DatasetConfig)} - {"seed"}  # config.seed is the one seed
+    if unknown := set(config.data) - fields:
+        raise ValueError(f"config.data has fields DatasetConfig does not take: {', '.join(sorted(unknown))}")
+    datasets.disable_progress_bars()
+    dataset_dict = data.build_dataset(data.DatasetConfig(seed=config.seed, **config.data))
+    tokenizer = data.get_tokenizer(config.tokenizer, dataset_dict)
+    return data.tokenize(dataset_dict, tokenizer, qa_loss=config.qa_loss), tokenizer
+
+
+def _dtype(config):
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype={config.dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
+    return DTYPES[config.dtype]
+
+
+def init_model(config, vocab_size: int) -> nnx.Module:
+    """The model both regimes start from: `config.init_from` (an HF folder or hub id), else a seeded random init."""
+    if config.init_from:
+        return models.from_pretrained(config.init_from, dtype=_dtype(config))
+    return models.from_config({**config.model.to_dict(), "vocab_size": vocab_size}, seed=config.seed,
+                              dtype=_dtype(config))
+
+
+def abstract_model(config, vocab_size: int) -> nnx.Module:
+    """The model's structure with shapes and dtypes only (no weights read or drawn): a template for restoring."""
+    if config.init_from:
+        model_config = models.hf.read_config(models.hf.resolve(config.init_from))
+    else:
+        model_config = {**config.model.to_dict(), "vocab_size": vocab_size}
+    return nnx.eval_shape(lambda: models.from_config(model_config, dtype=_dtype(config)))
+
+
+def schedule(config) -> tuple[schedules.Phase, ...]:
+    """The phases of `config.schedule`, with the optimizer settings of `config.optimizer` (and stage 2's own)."""
+    optimizer = train_lib.OptimizerConfig(**config.optimizer)
+    if config.schedule == "mixed":
+        return schedules.mixed(config.mixed.steps, config.mixed.bio_batch, config.mixed.qa_batch, optimizer)
+    if config.schedule == "two_stage":
+        c = config.two_stage
+        stage2 = dataclasses.replace(optimizer, learning_rate=c.stage2_learning_rate,
+                                     weight_decay=c.stage2_weight_decay)
+        return schedules.two_stage(c.stage1_steps, c.bio_batch, c.stage2_steps, c.qa_batch, optimizer, stage2,
+                                   c.fresh_optimizer)
+    raise ValueError(f"schedule={config.schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
+
+
+def phase_optimizer(phases, index):
+    """(optax transformation, learning rate as a function of the global step) of phase `index`."""
+    starts = schedules.phase_starts(phases)
+    phase = phases[index]
+    fresh = max(i for i in range(index + 1) if i == 0 or phases[i].fresh_optimizer)  # where the moments began
+    tx = train_lib.make_optimizer(phase.optimizer, phase.steps, count_offset=starts[index] - starts[fresh])
+    lr = train_lib.learning_rate_schedule(phase.optimizer, phase.steps)
+    return tx, lambda step: lr(step - starts[index])
+
+
+def _chunk_ends(start, stop, every):
+    """The steps after `start` up to `stop` at which a fused call ends: multiples of each of `every`, and stop."""
+    ends = {stop}
+    for n in every:
+        ends.update(range((start // n + 1) * n, stop, n))
+    return sorted(e for e in ends if start < e <= stop)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step; reopening drops records a restored checkpoint has not seen."""
+
+    def __init__(self, path: str, resume_step: int):
+        self.path = path
+        records = read_metrics(path) if os.path.exists(path) else []
+        kept = [r for r in records if r["step"] <= resume_step]
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(path + ".tmp", path)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_config(config, workdir):
+    """Writes the resolved config.json, or checks that a resumed run has the same one."""
+    path = os.path.join(workdir, "config.json")
+    text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if f.read() != text:
+                raise ValueError(f"{workdir} holds a run with another config.json; resume with the same config, "
+                                 "or use a new --workdir")
+    else:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+
+
+def _format_seconds(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train(config, workdir: str, *, until_step: int | None = None, log=print) -> dict:
+    """Trains `config.schedule` in `workdir`, evaluating every `config.train.eval_every` steps; returns the final
+    evaluation. Resumes from the work directory's last checkpoint, or starts a fork from the stage boundary of
+    `config.two_stage.fork_from`. `until_step` stops early (a stage-1-only run, or a test's interrupted run).
+    """
+    _write_config(config, workdir)
+    tokenized, tokenizer = load_data(config)
+    tables = {name: schedules.TokenTable.from_split(split, tokenizer.pad_token_id)
+              for name, split in tokenized.items()}
+    phases = schedule(config)
+    starts = schedules.phase_starts(phases)
+    stop = starts[-1] if until_step is None else min(until_step, starts[-1])
+    graphdef, params = nnx.split(init_model(config, len(tokenizer)), nnx.Param)
+    evaluator = evaluate.Evaluator(tables, graphdef, config.train.eval_batch_size)
+    tc = config.train
+
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints or None)
+    state = train_lib.init_state(params, phase_optimizer(phases, 0)[0])
+    if saved := checkpoints.steps():
+        # every phase's optimizer state has one structure, so any phase's serves as the template
+        state = checkpoints.restore(saved[-1], state)
+        log(f"resumed {workdir} at step {saved[-1]}")
+    elif config.schedule == "two_stage" and config.two_stage.fork_from:
+        source = Checkpoints(os.path.join(config.two_stage.fork_from, "checkpoints"), read_only=True)
+        state = source.restore(starts[1], state)
+        log(f"forked stage 2 from {config.two_stage.fork_from} at step {starts[1]}")
+    step = int(state.step)
+    metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), step)
+    if step == 0:
+        metrics_log.write({"step": 0, "eval": evaluator(state.params)})
+
+    window_start, window_tokens = time.perf_counter(), 0
+    run_start, run_steps_start, last_print = time.perf_counter(), step, 0.0
+    for index, phase in enumerate(phases):
+        if step >= min(starts[index + 1], stop):
+            continue
+        tx, lr_fn = phase_optimizer(phases, index)
+        if index > 0 and phase.fresh_optimizer and step == starts[index]:
+            state = train_lib.init_state(state.params, tx, step)
+        steps_fn = train_lib.jit_steps(train_lib.make_train_step(
+            graphdef, tx, lr_fn, task_weights=dict(tc.task_weights), grad_accum_steps=tc.grad_accum_steps))
+        phase_stop = min(starts[index + 1], stop)
+        for end in _chunk_ends(step, phase_stop, [tc.steps_per_call, tc.eval_every, tc.checkpoint_every]):
+            batches = schedules.phase_batches(phases, index, step - starts[index], end - starts[index], tables,
+                                              config.seed, tc.bio_value_dropout)
+            window_tokens += sum(int(np.count_nonzero(b["targets"] != tokenizer.pad_token_id)) for b in batches.values())
+            state, metrics = steps_fn(state, batches)
+            metrics = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
+            if not np.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"loss is {metrics['loss']} at step {end}; lower the learning rate")
+            step = end
+            record = {"step": step, "phase": phase.name, **metrics}
+            if step % tc.eval_every == 0 or step in starts:
+                record["eval"] = evaluator(state.params)
+            if step % tc.checkpoint_every == 0 or step in starts or step == stop:
+                checkpoints.save(state)
+            metrics_log.write(record)
+            now = time.perf_counter()
+            if "eval" in record or now - last_print >= 10 or step == stop:
+                rate = window_tokens / (now - window_start)
+                eta = (now - run_start) / (step - run_steps_start) * (stop - step)
+                line = (f"{phase.name} step {step}/{stop}  loss {metrics['loss']:.3f}  "
+                        f"{rate / 1000:.1f}k tok/s  ETA {_format_seconds(eta)}")
+                if "eval" in record:
+                    line += "  | " + "  ".join(f"{k.removesuffix('_accuracy')} {v:.3f}"
+                                               for k, v in record["eval"].items() if k.endswith("_accuracy"))
+                log(line)
+                window_start, window_tokens, last_print = now, 0, now
+    checkpoints.close()
+    final = record["eval"] if step > run_steps_start and "eval" in record else evaluator(state.params)
+    logging.info("final evaluation of %s: %s", workdir, final)
+    return final
+
+
+def load_config(workdir: str):
+    """The resolved config.json of a work directory, as a ConfigDict."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: --workdir must be a directory written by launch.train")
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def load_run(workdir: str, step: int | None = None):
+    """(config, tokenized data, tokenizer, graphdef, params, step) of a trained run; the last checkpoint by default."""
+    config = load_config(workdir)
+    tokenized, tokenizer = load_data(config)
+    graphdef, params = nnx.split(abstract_model(config, len(tokenizer)), nnx.Param)
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
+    saved = checkpoints.steps()
+    if not saved:
+        raise FileNotFoundError(f"{workdir} has no checkpoints yet")
+    step = saved[-1] if step is None else step
+    like = jax.eval_shape(lambda p: train_lib.init_state(p, phase_optimizer(schedule(config), 0)[0]), params)
+    params = checkpoints.restore(step, like).params
+    checkpoints.close()
+    return config, tokenized, tokenizer, graphdef, params, step
+
+
+def held_out_examples(run_dirs: dict[str, str], person_index: int = 0) -> str:
+    """A markdown table: each run's greedy answers to the questions about one held-out person."""
+    answers = {}
+    for name, run_dir in run_dirs.items():
+        _, tokenized, tokenizer, graphdef, params, _ = load_run(run_dir)
+        split = tokenized["qa_test"]
+        person = sorted(set(split["person_id"]))[person_index]
+        rows = split.filter(lambda r: r["person_id"] == person).to_dict()
+        prompts = [ids[:next(i for i, v in enumerate(values) if v >= 0)]  # up to the answer's first token
+                   for ids, values in zip(rows["input_ids"], rows["value_attribute_ids"])]
+        generated = evaluate.generate(graphdef, params, prompts, max(map(len, rows["input_ids"])),
+                                      tokenizer.pad_token_id).tolist()
+        eos = tokenizer.eos_token_id
+        answers[name] = [tokenizer.decode(g[:g.index(eos)] if eos in g else g, skip_special_tokens=True).strip()
+                         for g in generated]
+    lines = ["| question | answer | " + " | ".join(answers) + " |", "|---" * (2 + len(answers)) + "|"]
+    for i, (prompt, answer) in enumerate(zip(rows["prompt"], rows["answer"])):
+        lines.append(f"| {prompt} | {answer} | " + " | ".join(a[i] for a in answers.values()) + " |")
+    return "Greedy answers about a held-out person:\n\n" + "\n".join(lines)
+
+
+def override(config, **fields):
+    """A copy of `config` with dotted fields replaced ("two_stage.fork_from": ...)."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for dotted, value in fields.items():
+            *parents, name = dotted.split(".")
+            node = config
+            for parent in parents:
+                node = node[parent]
+            node[name] = value
+    return config
+
+
+def reproduce(config, workdir: str, log=print) -> dict:
+    """The main job: mixed and two-stage from one init, stage 2 forked at each `config.reproduce` learning rate,
+    then summary.json, report.md and figures in `workdir`. Each run resumes if the job is started again."""
+    start = time.perf_counter()
+    _write_config(config, workdir)
+    runs = {}
+
+    def run(name, run_config, **kw):
+        log(f"== {name}")
+        runs[name] = os.path.abspath(os.path.join(workdir, name))
+        return train(run_config, runs[name], log=log, **kw)
+
+    mixed = run("mixed", override(config, schedule="mixed"))
+    two_stage = override(config, schedule="two_stage")
+    stage1 = run("two_stage/stage1", two_stage, until_step=config.two_stage.stage1_steps)
+    sweep = []
+    for lr in config.reproduce.stage2_learning_rates:
+        forked = override(two_stage, **{"two_stage.stage2_learning_rate": float(lr),
+                                         "two_stage.fork_from": runs["two_stage/stage1"]})
+        sweep.append({"stage2_lr": float(lr), **run(f"two_stage/stage2_lr{lr:g}", forked)})
+    fairest = report.fairest(sweep)
+    summary = {"mixed": mixed, "two_stage": fairest, "two_stage_sweep": sweep, "two_stage_after_stage1": stage1,
+               "wall_seconds": time.perf_counter() - start}
+    curves = {"mixed": read_metrics(os.path.join(runs["mixed"], "metrics.jsonl"))}
+    if fairest is not None:
+        stage2_dir = runs[f"two_stage/stage2_lr{fairest['stage2_lr']:g}"]
+        curves["two_stage"] = [*read_metrics(os.path.join(runs["two_stage/stage1"], "metrics.jsonl")),
+                               *read_metrics(os.path.join(stage2_dir, "metrics.jsonl"))]
+    examples = {"mixed": runs["mixed"]}
+    if fairest is not None:
+        examples["two-stage"] = stage2_dir
+    text = report.write(workdir, summary, curves, bio_value_dropout=config.train.bio_value_dropout,
+                        examples=held_out_examples(examples))
+    log(text.split("\n\n")[1])
+    return summary

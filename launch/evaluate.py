@@ -1,0 +1,38 @@
+"""Evaluates a trained run: QA exact match on every split and BIO recall, overall and per attribute.
+
+    python -m launch.evaluate --workdir=runs/mixed [--step=2000]
+
+Prints a table and writes eval_step<N>.json into the work directory.
+"""
+import json
+import os
+
+from absl import flags
+
+from factrecall_jax import cli, experiment
+from factrecall_jax.data import ATTRIBUTES
+from factrecall_jax.data.schedules import TokenTable
+from factrecall_jax.evaluate import Evaluator
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory written by launch.train.", required=True)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the last one).")
+
+
+def main(_):
+    config, tokenized, tokenizer, graphdef, params, step = experiment.load_run(_WORKDIR.value, _STEP.value)
+    tables = {name: TokenTable.from_split(split, tokenizer.pad_token_id) for name, split in tokenized.items()}
+    result = Evaluator(tables, graphdef, config.train.eval_batch_size)(params)
+    print(f"step {step}")
+    print(f"{'split':<20} {'all':>6} " + " ".join(f"{a[:12]:>12}" for a in ATTRIBUTES))
+    for split, per_attribute in result["per_attribute"].items():
+        print(f"{split:<20} {result[f'{split}_accuracy']:>6.3f} "
+              + " ".join(f"{per_attribute.get(a, float('nan')):>12.3f}" for a in ATTRIBUTES))
+    path = os.path.join(_WORKDIR.value, f"eval_step{step}.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"step": step, **result}, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    cli.launch(main)

@@ -1,0 +1,25 @@
+"""The main job: two-stage vs mixed training from one init, evaluated, with summary.json, report.md and figures.
+
+    python -m launch.reproduce --config=configs/default.py --workdir=runs/default
+
+Mixed trains once; two-stage trains stage 1 once and forks stage 2 at each learning rate of
+config.reproduce.stage2_learning_rates. Started again on the same work directory, every run resumes.
+"""
+import jax
+from absl import flags
+from ml_collections import config_flags
+
+from factrecall_jax import cli, experiment
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (created; resumed if it holds runs).", required=True)
+flags.mark_flag_as_required("config")
+
+
+def main(_):
+    print(f"devices: {jax.devices()}")
+    experiment.reproduce(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    cli.launch(main)

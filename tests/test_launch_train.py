@@ -1,0 +1,97 @@
+"""The training launch scripts end to end on the tiny preset: reproduce, evaluate, train errors; report pieces."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from factrecall_jax import experiment, report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "--config=configs/default.py:tiny"
+
+
+def launch(script, *args):
+    return subprocess.run([sys.executable, "-m", f"launch.{script}", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("reproduce") / "run")
+    done = launch("reproduce", TINY, f"--workdir={workdir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+        return workdir, json.load(f), done.stdout
+
+
+def test_reproduce_summary_follows_the_fairest_rule(reproduced):
+    workdir, summary, stdout = reproduced
+    assert set(summary) >= {"mixed", "two_stage", "two_stage_sweep", "wall_seconds"}
+    assert [e["stage2_lr"] for e in summary["two_stage_sweep"]] == [3e-4, 1e-3]
+    assert summary["two_stage"] == report.fairest(summary["two_stage_sweep"])
+    for entry in [summary["mixed"], *summary["two_stage_sweep"]]:
+        assert {"qa_train_accuracy", "qa_test_accuracy", "bio_accuracy", "per_attribute"} <= set(entry)
+    assert report.results_table(summary) in stdout  # the table is printed
+    with open(os.path.join(workdir, "report.md"), encoding="utf-8") as f:
+        text = f.read()
+    for name in ("accuracy_vs_step.png", "per_attribute.png", "stage2_sweep.png"):
+        assert f"(figures/{name})" in text
+        with open(os.path.join(workdir, "figures", name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_agrees_with_the_summary(reproduced):
+    workdir, summary, _ = reproduced
+    done = launch("evaluate", f"--workdir={workdir}/mixed")
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(workdir, "mixed", "eval_step24.json"), encoding="utf-8") as f:
+        evaluated = json.load(f)
+    assert evaluated["step"] == 24
+    for key in ("qa_train_accuracy", "qa_test_accuracy", "bio_accuracy", "per_attribute"):
+        assert evaluated[key] == summary["mixed"][key]
+
+
+def test_reproduce_again_resumes_every_run(reproduced):
+    workdir, summary, _ = reproduced
+    done = launch("reproduce", TINY, f"--workdir={workdir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("resumed") == 2 + len(summary["two_stage_sweep"])
+    with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+        again = json.load(f)
+    assert {k: v for k, v in again.items() if k != "wall_seconds"} == \
+        {k: v for k, v in summary.items() if k != "wall_seconds"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--config.schedule=sometimes",), "schedule='sometimes' is invalid"),
+    (("--config.optimizer.learning_rate=-1.0",), "learning_rate=-1.0 is invalid"),
+    (("--config.dtype=float8",), "dtype='float8' is invalid"),
+])
+def test_train_rejects_bad_settings_in_one_line(tmp_path, args, message):
+    workdir = tmp_path / "run"
+    done = launch("train", TINY, f"--workdir={workdir}", *args)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_evaluate_names_a_missing_workdir(tmp_path):
+    done = launch("evaluate", f"--workdir={tmp_path}/nothing")
+    assert done.returncode == 2 and "config.json does not exist" in done.stderr
+
+
+def test_fairest_skips_runs_that_forgot_their_biographies():
+    def entry(lr, held_out, in_dist, bio):
+        return {"stage2_lr": lr, "qa_test_accuracy": held_out, "qa_train_accuracy": in_dist, "bio_accuracy": bio}
+
+    sweep = [entry(1e-4, 0.5, 0.99, 0.99), entry(3e-4, 0.6, 0.97, 0.85), entry(1e-3, 0.9, 1.0, 0.5),
+             entry(3e-3, 0.95, 0.90, 0.95)]
+    assert report.fairest(sweep)["stage2_lr"] == 3e-4
+    assert report.fairest(sweep[2:]) is None
+
+
+def test_chunk_ends_stop_at_every_boundary():
+    assert experiment._chunk_ends(0, 12, [5, 8]) == [5, 8, 10, 12]
+    assert experiment._chunk_ends(8, 30, [10, 25]) == [10, 20, 25, 30]
