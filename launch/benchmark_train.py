@@ -80,7 +80,8 @@ def main(_):
     step = train.make_train_step(graphdef, tx, lr_fn, grad_accum_steps=config.train.grad_accum_steps,
                                  task_weights=dict(config.train.task_weights))
     fused, single = train.jit_steps(step), jax.jit(step, donate_argnums=0)
-    state = {"fused": train.init_state(params, tx), "single": train.init_state(params, tx)}
+    # each variant gets its own copy: donation deletes the buffers a step consumes
+    state = {name: train.init_state(jax.tree.map(jnp.copy, params), tx) for name in ("fused", "single")}
 
     def run_fused():
         state["fused"], metrics = fused(state["fused"], stacked)
