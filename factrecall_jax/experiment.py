@@ -140,8 +140,7 @@ def train(config, workdir: str, *, until_step: int | None = None, log=print) -> 
     """
     _write_config(config, workdir)
     tokenized, tokenizer = load_data(config)
-    tables = {name: schedules.TokenTable.from_split(split, tokenizer.pad_token_id)
-              for name, split in tokenized.items()}
+    tables = schedules.token_tables(tokenized, tokenizer.pad_token_id)
     phases = schedule(config)
     starts = schedules.phase_starts(phases)
     stop = starts[-1] if until_step is None else min(until_step, starts[-1])

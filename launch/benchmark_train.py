@@ -65,7 +65,7 @@ def main(_):
     if _WINDOWS.value < 1:
         raise ValueError(f"--windows={_WINDOWS.value} is invalid: expected at least 1")
     tokenized, tokenizer = experiment.load_data(config)
-    tables = {n: schedules.TokenTable.from_split(s, tokenizer.pad_token_id) for n, s in tokenized.items()}
+    tables = schedules.token_tables(tokenized, tokenizer.pad_token_id)
     phases = experiment.schedule(experiment.override(config, schedule="mixed"))
     k = config.train.steps_per_call
     stacked = schedules.phase_batches(phases, 0, 0, k, tables, config.seed, config.train.bio_value_dropout)

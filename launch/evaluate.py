@@ -10,8 +10,7 @@ import os
 from absl import flags
 
 from factrecall_jax import cli, experiment
-from factrecall_jax.data import ATTRIBUTES
-from factrecall_jax.data.schedules import TokenTable
+from factrecall_jax.data import ATTRIBUTES, schedules
 from factrecall_jax.evaluate import Evaluator
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory written by launch.train.", required=True)
@@ -20,7 +19,7 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default
 
 def main(_):
     config, tokenized, tokenizer, graphdef, params, step = experiment.load_run(_WORKDIR.value, _STEP.value)
-    tables = {name: TokenTable.from_split(split, tokenizer.pad_token_id) for name, split in tokenized.items()}
+    tables = schedules.token_tables(tokenized, tokenizer.pad_token_id)
     result = Evaluator(tables, graphdef, config.train.eval_batch_size)(params)
     print(f"step {step}")
     print(f"{'split':<20} {'all':>6} " + " ".join(f"{a[:12]:>12}" for a in ATTRIBUTES))

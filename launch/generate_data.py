@@ -5,14 +5,12 @@
 The folder holds dataset/ (DatasetDict.save_to_disk), tokenizer/ (save_pretrained) and config.json; it appears only
 when everything is written.
 """
-import dataclasses
 import os
 
-import datasets
 from absl import flags
 from ml_collections import config_flags
 
-from factrecall_jax import cli, data
+from factrecall_jax import cli, experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py.", lock_config=True)
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Output folder; must not exist yet, unless --overwrite.", required=True)
@@ -32,20 +30,13 @@ def summary(dataset_dict, tokenizer, num_people):
 
 def main(_):
     config = _CONFIG.value
-    datasets.disable_progress_bars()
-    fields = {f.name for f in dataclasses.fields(data.DatasetConfig)} - {"seed"}  # config.seed is the one seed
-    if unknown := set(config.data) - fields:
-        raise ValueError(f"config.data has fields DatasetConfig does not take: {', '.join(sorted(unknown))}")
-    data_config = data.DatasetConfig(seed=config.seed, **config.data)
     with cli.atomic_output_dir(_OUT_DIR.value, overwrite=_OVERWRITE.value) as tmp:
-        dataset_dict = data.build_dataset(data_config)
-        tokenizer = data.get_tokenizer(config.tokenizer, dataset_dict)
-        tokenized = data.tokenize(dataset_dict, tokenizer, qa_loss=config.qa_loss)
+        tokenized, tokenizer = experiment.load_data(config)
         tokenized.save_to_disk(os.path.join(tmp, "dataset"))
         tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json_best_effort(indent=2) + "\n")
-    print(summary(tokenized, tokenizer, data_config.num_people))
+    print(summary(tokenized, tokenizer, config.data.num_people))
     print(f"wrote {os.path.abspath(_OUT_DIR.value)}: dataset/, tokenizer/, config.json")
 
 

@@ -105,6 +105,11 @@ class TokenTable:
         return {"inputs": inputs, "targets": ids[:, 1:], "weights": self.loss_mask[rows, 1:length + 1]}
 
 
+def token_tables(dataset_dict, pad_id: int) -> dict[str, TokenTable]:
+    """A TokenTable per split of a tokenized DatasetDict."""
+    return {name: TokenTable.from_split(split, pad_id) for name, split in dataset_dict.items()}
+
+
 def row_indices(num_rows: int, batch_size: int, seed: int, phase: int, task: int, step: int) -> np.ndarray:
     """The rows a phase's `step` reads for one task: positions step*B .. step*B+B-1 of its chain of epochs."""
     if num_rows == 0:
