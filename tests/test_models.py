@@ -88,7 +88,7 @@ def test_bfloat16(name, hf_checkpoints, input_ids, logits_of):
 
 
 def test_from_config_default_tiny_config():
-    """The configs/default.py model: HF-like init, the expected parameter count, finite loss and gradients."""
+    """The configs/default.py model: its configured init scale, the expected parameter count, finite loss and gradients."""
     hf_config = _default_model_config()
     model = models.from_config(hf_config, seed=0)
     assert isinstance(model, models.Llama)
@@ -96,7 +96,8 @@ def test_from_config_default_tiny_config():
     state = nnx.state(model)
     assert sum(x.size for x in jax.tree.leaves(state)) == 2 * v * d + n_layers * (4 * d * d + 3 * d * f + 2 * d) + d
     assert state["layers"]["self_attn"]["q_proj"]["kernel"].shape == (n_layers, d, 4, d // 4)
-    np.testing.assert_allclose(np.std(state["layers"]["mlp"]["up_proj"]["kernel"][...]), 0.02, rtol=0.05)
+    np.testing.assert_allclose(np.std(state["layers"]["mlp"]["up_proj"]["kernel"][...]),
+                               hf_config["initializer_range"], rtol=0.05)
     np.testing.assert_array_equal(state["norm"]["scale"][...], 1.0)
 
     graphdef, params = nnx.split(model)
