@@ -94,6 +94,10 @@ def get_config(preset=None):
 
     # launch.reproduce: stage 2 is forked from one stage-1 run at each of these peak learning rates.
     config.reproduce = ml_collections.ConfigDict(dict(stage2_learning_rates=(1e-4, 3e-4, 1e-3)))
+    # The look inside (study.mechanisms): TracInCP over num_checkpoints saved steps of each regime, on the six facts
+    # of num_people training people (and as many held-out people for consistency), in chunks of chunk_size pairs;
+    # shared parameters are the top_fraction by both tasks' summed absolute gradients.
+    config.trace = ml_collections.ConfigDict(dict(num_checkpoints=4, num_people=100, top_fraction=0.01, chunk_size=32))
     if preset == "tiny":
         config.data.num_people = 40
         config.model.update(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2)
@@ -102,4 +106,5 @@ def get_config(preset=None):
         config.two_stage.update(stage1_steps=16, bio_batch=8, stage2_steps=8, qa_batch=16)
         config.train.update(steps_per_call=4, eval_every=8, checkpoint_every=8, eval_batch_size=64)
         config.reproduce.stage2_learning_rates = (3e-4, 1e-3)
+        config.trace.update(num_checkpoints=3, num_people=10, chunk_size=16)
     return config

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from factrecall_jax import data, evaluate, models, report, train as train_lib
+from factrecall_jax import data, evaluate, models, train as train_lib
 from factrecall_jax.checkpoint import Checkpoints
 from factrecall_jax.data import schedules
 
@@ -112,7 +112,7 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _write_config(config, workdir):
+def write_config(config, workdir):
     """Writes the resolved config.json, or checks that a resumed run has the same one."""
     path = os.path.join(workdir, "config.json")
     text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
@@ -138,7 +138,7 @@ def train(config, workdir: str, *, until_step: int | None = None, log=print) -> 
     evaluation. Resumes from the work directory's last checkpoint, or starts a fork from the stage boundary of
     `config.two_stage.fork_from`. `until_step` stops early (a stage-1-only run, or a test's interrupted run).
     """
-    _write_config(config, workdir)
+    write_config(config, workdir)
     tokenized, tokenizer = load_data(config)
     tables = schedules.token_tables(tokenized, tokenizer.pad_token_id)
     phases = schedule(config)
@@ -220,36 +220,29 @@ def load_run(workdir: str, step: int | None = None):
     config = load_config(workdir)
     tokenized, tokenizer = load_data(config)
     graphdef, params = nnx.split(abstract_model(config, len(tokenizer)), nnx.Param)
+    step = checkpoint_steps(workdir)[-1] if step is None else step
+    return config, tokenized, tokenizer, graphdef, restore_params(workdir, step, config, params), step
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The steps saved in a work directory, oldest first; an error if there are none."""
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
     saved = checkpoints.steps()
+    checkpoints.close()
     if not saved:
         raise FileNotFoundError(f"{workdir} has no checkpoints yet")
-    step = saved[-1] if step is None else step
-    like = jax.eval_shape(lambda p: train_lib.init_state(p, phase_optimizer(schedule(config), 0)[0]), params)
+    return saved
+
+
+def restore_params(workdir: str, step: int, config, params_like: nnx.State) -> nnx.State:
+    """The parameters saved at `step` in `workdir` (params_like: their structure, e.g. abstract)."""
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
+    if step not in checkpoints.steps():
+        raise FileNotFoundError(f"{workdir} has no checkpoint at step {step}; it has {checkpoints.steps()}")
+    like = jax.eval_shape(lambda p: train_lib.init_state(p, phase_optimizer(schedule(config), 0)[0]), params_like)
     params = checkpoints.restore(step, like).params
     checkpoints.close()
-    return config, tokenized, tokenizer, graphdef, params, step
-
-
-def held_out_examples(run_dirs: dict[str, str], person_index: int = 0) -> str:
-    """A markdown table: each run's greedy answers to the questions about one held-out person."""
-    answers = {}
-    for name, run_dir in run_dirs.items():
-        _, tokenized, tokenizer, graphdef, params, _ = load_run(run_dir)
-        split = tokenized["qa_test"]
-        person = sorted(set(split["person_id"]))[person_index]
-        rows = split.filter(lambda r: r["person_id"] == person).to_dict()
-        prompts = [ids[:next(i for i, v in enumerate(values) if v >= 0)]  # up to the answer's first token
-                   for ids, values in zip(rows["input_ids"], rows["value_attribute_ids"])]
-        generated = evaluate.generate(graphdef, params, prompts, max(map(len, rows["input_ids"])),
-                                      tokenizer.pad_token_id).tolist()
-        eos = tokenizer.eos_token_id
-        answers[name] = [tokenizer.decode(g[:g.index(eos)] if eos in g else g, skip_special_tokens=True).strip()
-                         for g in generated]
-    lines = ["| question | answer | " + " | ".join(answers) + " |", "|---" * (2 + len(answers)) + "|"]
-    for i, (prompt, answer) in enumerate(zip(rows["prompt"], rows["answer"])):
-        lines.append(f"| {prompt} | {answer} | " + " | ".join(a[i] for a in answers.values()) + " |")
-    return "Greedy answers about a held-out person:\n\n" + "\n".join(lines)
+    return params
 
 
 def override(config, **fields):
@@ -263,40 +256,3 @@ def override(config, **fields):
                 node = node[parent]
             node[name] = value
     return config
-
-
-def reproduce(config, workdir: str, log=print) -> dict:
-    """The main job: mixed and two-stage from one init, stage 2 forked at each `config.reproduce` learning rate,
-    then summary.json, report.md and figures in `workdir`. Each run resumes if the job is started again."""
-    start = time.perf_counter()
-    _write_config(config, workdir)
-    runs = {}
-
-    def run(name, run_config, **kw):
-        log(f"== {name}")
-        runs[name] = os.path.abspath(os.path.join(workdir, name))
-        return train(run_config, runs[name], log=log, **kw)
-
-    mixed = run("mixed", override(config, schedule="mixed"))
-    two_stage = override(config, schedule="two_stage")
-    stage1 = run("two_stage/stage1", two_stage, until_step=config.two_stage.stage1_steps)
-    sweep = []
-    for lr in config.reproduce.stage2_learning_rates:
-        forked = override(two_stage, **{"two_stage.stage2_learning_rate": float(lr),
-                                         "two_stage.fork_from": runs["two_stage/stage1"]})
-        sweep.append({"stage2_lr": float(lr), **run(f"two_stage/stage2_lr{lr:g}", forked)})
-    fairest = report.fairest(sweep)
-    summary = {"mixed": mixed, "two_stage": fairest, "two_stage_sweep": sweep, "two_stage_after_stage1": stage1,
-               "wall_seconds": time.perf_counter() - start}
-    curves = {"mixed": read_metrics(os.path.join(runs["mixed"], "metrics.jsonl"))}
-    if fairest is not None:
-        stage2_dir = runs[f"two_stage/stage2_lr{fairest['stage2_lr']:g}"]
-        curves["two_stage"] = [*read_metrics(os.path.join(runs["two_stage/stage1"], "metrics.jsonl")),
-                               *read_metrics(os.path.join(stage2_dir, "metrics.jsonl"))]
-    examples = {"mixed": runs["mixed"]}
-    if fairest is not None:
-        examples["two-stage"] = stage2_dir
-    text = report.write(workdir, summary, curves, bio_value_dropout=config.train.bio_value_dropout,
-                        examples=held_out_examples(examples))
-    log(text.split("\n\n")[1])
-    return summary

@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+import numpy as np  # noqa: E402
 
 from factrecall_jax.data import ATTRIBUTES  # noqa: E402
 
@@ -137,8 +138,9 @@ def figures(out_dir: str, summary: dict, curves: dict[str, list[dict]]) -> list[
     return names
 
 
-def _save(fig, out_dir, name):
-    fig.tight_layout()
+def _save(fig, out_dir, name, tight=True):
+    if tight:
+        fig.tight_layout()
     fig.savefig(os.path.join(out_dir, name), dpi=120)
     plt.close(fig)
     return name
@@ -146,17 +148,35 @@ def _save(fig, out_dir, name):
 
 def write(workdir: str, summary: dict, curves: dict[str, list[dict]], *, bio_value_dropout: float,
           examples: str = "") -> str:
-    """Writes summary.json, figures/ and report.md into `workdir`; returns the report's text."""
-    names = figures(os.path.join(workdir, "figures"), summary, curves)
-    text = "\n\n".join([
+    """Writes summary.json, figures/ and report.md into `workdir`; returns the report's text.
+
+    With the sections of study.mechanisms in `summary` ("trace", "interventions", "consistency"), the report gains
+    the shared parameters, the interventions and the consistency between formats.
+    """
+    figure_dir = os.path.join(workdir, "figures")
+    names = figures(figure_dir, summary, curves)
+    sections = [
         "# Two-stage vs mixed training: fact recall",
         results_table(summary),
         "Held-out QA accuracy per attribute:\n\n" + per_attribute_table(summary),
         findings(summary, bio_value_dropout),
         *(f"![{name}](figures/{name})" for name in names),
         *([examples] if examples else []),
-        f"Wall time: {summary['wall_seconds']:.0f} s.",
-    ]) + "\n"
+    ]
+    if "trace" in summary:
+        top = next(iter(summary["trace"].values()))["top_fraction"]
+        sections += [
+            "## Inside the models: the cross-task gradient trace",
+            f"Shared parameters at top_fraction={top:g} (intersection rule; count and share of each module group):"
+            "\n\n" + shared_table(summary["trace"]),
+            "Interventions on the final models (held-out = questions about people whose QA was never trained):\n\n"
+            + interventions_table(summary["interventions"]),
+            "Consistency between the BIO and QA formats of the same facts:\n\n"
+            + consistency_table(summary["consistency"]),
+            mechanism_findings(summary),
+            *(f"![{name}](figures/{name})" for name in mechanism_figures(figure_dir, summary)),
+        ]
+    text = "\n\n".join([*sections, f"Wall time: {summary['wall_seconds']:.0f} s."]) + "\n"
     _write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     _write_atomic(os.path.join(workdir, "report.md"), text)
     return text
@@ -166,3 +186,151 @@ def _write_atomic(path, text):
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Inside the models: shared parameters, interventions, consistency (study.mechanisms)
+# --------------------------------------------------------------------------------------------------------------------
+
+MODULE_GROUPS = {  # path fragments -> the group a module counts in (Llama and GPT-NeoX names)
+    "q_proj": "q", "k_proj": "k", "v_proj": "v", "query_key_value": "qkv", "o_proj": "o", "attention.dense": "o",
+    "gate_proj": "gate", "up_proj": "up", "dense_h_to_4h": "up", "down_proj": "down", "dense_4h_to_h": "down",
+    "embed_tokens": "embeddings", "embed_in": "embeddings", "lm_head": "head", "embed_out": "head",
+    "norm": "norms",
+}
+
+
+def _group(module_path: str) -> str:
+    return next((g for fragment, g in MODULE_GROUPS.items() if fragment in module_path), "other")
+
+
+def grouped_counts(stats: dict) -> dict[str, dict]:
+    """{group: {"count", "size"}} of analysis.module_counts, modules gathered into q, k, v, o, gate, up, down, ..."""
+    groups = {}
+    for path, share in stats["modules"].items():
+        g = groups.setdefault(_group(path), {"count": 0, "size": 0})
+        g["count"] += share["count"]
+        g["size"] += share["size"]
+    return groups
+
+
+def shared_table(trace_summary: dict, rule: str = "intersection") -> str:
+    """Shared parameters per regime: total, and per module group (count and share of the group's parameters)."""
+    regimes = list(trace_summary)
+    groups = {g for r in regimes for g in grouped_counts(trace_summary[r]["shared"][rule])}
+    order = [g for g in dict.fromkeys(MODULE_GROUPS.values()) if g in groups] + sorted(groups - set(MODULE_GROUPS.values()))
+    top_k = trace_summary[regimes[0]]["shared"][rule]["head_concentration"]["top_k"]
+    lines = ["| regime | shared | " + " | ".join(order) + f" | share of the top {top_k} heads | Gini (heads) |",
+             "|---" * (len(order) + 4) + "|"]
+    for regime in regimes:
+        stats = trace_summary[regime]["shared"][rule]
+        grouped = grouped_counts(stats)
+        cells = [f"{grouped[g]['count']} ({grouped[g]['count'] / grouped[g]['size']:.1%})" if g in grouped else "-"
+                 for g in order]
+        conc = stats["head_concentration"]
+        lines.append(f"| {regime.replace('_', '-')} | {stats['total']['count']} ({stats['total']['fraction']:.2%}) | "
+                     + " | ".join(cells) + f" | {conc['top_k_share']:.2f} | {conc['gini']:.2f} |")
+    return "\n".join(lines)
+
+
+def interventions_table(rows: list[dict]) -> str:
+    lines = ["| model | intervention | mask | parameters | held-out QA | in-dist QA | BIO recall |", "|---" * 7 + "|"]
+    lines += [f"| {r['model'].replace('_', '-')} | {r['intervention'].replace('_', '-')} | {r['mask']} | {r['count']} | "
+              f"{r['qa_test_accuracy']:.3f} | {r['qa_train_accuracy']:.3f} | {r['bio_accuracy']:.3f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def consistency_table(consistency: dict) -> str:
+    """Gradient consistency (mean cosine of paired BIO/QA gradients) and representation consistency (last layer)."""
+    lines = ["| regime | gradient cosine, training people | held-out people | hidden-state cosine at subject, "
+             "last layer (train / held-out) | at answer position |", "|---|---|---|---|---|"]
+    for regime, grad in consistency["gradient"].items():
+        rep = consistency["representation"][regime]
+        lines.append(f"| {regime.replace('_', '-')} | {grad['qa_train']['mean']:.3f} | {grad['qa_test']['mean']:.3f} | "
+                     f"{rep['qa_train']['subject'][-1]:.3f} / {rep['qa_test']['subject'][-1]:.3f} | "
+                     f"{rep['qa_train']['answer'][-1]:.3f} / {rep['qa_test']['answer'][-1]:.3f} |")
+    return "\n".join(lines)
+
+
+def _accuracy(rows, model, intervention, mask):
+    return next(r["qa_test_accuracy"] for r in rows
+                if (r["model"], r["intervention"], r["mask"]) == (model, intervention, mask))
+
+
+def mechanism_findings(mech: dict) -> str:
+    """What the trace and interventions show, stated from the numbers, next to what the paper reports."""
+    trace_summary, rows, consistency = mech["trace"], mech["interventions"], mech["consistency"]
+    counts = {r: s["shared"]["intersection"]["total"]["count"] for r, s in trace_summary.items()}
+    first = next(iter(trace_summary.values()))
+    text = ""
+    if "stage2_lr" in trace_summary.get("two_stage", {}):
+        text += f"The two-stage model inspected is the one with stage-2 LR {trace_summary['two_stage']['stage2_lr']:g}. "
+    text += (f"Shared parameters (top {first['top_fraction']:.0%} by both |BIO gradient| and |QA gradient|, TracInCP "
+             f"over {len(first['checkpoints'])} checkpoints): "
+            + ", ".join(f"{r.replace('_', '-')} {c}" for r, c in counts.items()) + ". ")
+    if {"mixed", "two_stage"} <= set(counts):
+        more = "more" if counts["mixed"] > counts["two_stage"] else "fewer"
+        text += (f"Mixed training has {more} shared parameters than two-stage"
+                 + (", as the paper reports. " if more == "more" else ", unlike the paper. "))
+    for regime in trace_summary:
+        base = _accuracy(rows, regime, "none", "-")
+        shared, rand = (_accuracy(rows, regime, "ablate to zero", m) for m in ("shared", "random"))
+        text += (f"Zeroing {regime.replace('_', '-')}'s shared parameters moves its held-out accuracy "
+                 f"{base:.3f} -> {shared:.3f}, a random set of the same size per tensor -> {rand:.3f}. ")
+    if any(r["intervention"].startswith("graft") for r in rows):
+        base = _accuracy(rows, "two_stage", "none", "-")
+        shared, rand = (_accuracy(rows, "two_stage", "graft from mixed", m) for m in ("shared", "random"))
+        text += (f"Grafting mixed's shared parameters into the two-stage model moves its held-out accuracy "
+                 f"{base:.3f} -> {shared:.3f} (random graft of the same size: {rand:.3f}). ")
+    grad = consistency["gradient"]
+    text += ("Mean cosine of paired BIO/QA gradients on the final models: "
+             + ", ".join(f"{r.replace('_', '-')} {g['qa_train']['mean']:.3f}" for r, g in grad.items()) + ".")
+    return text
+
+
+def mechanism_figures(out_dir: str, mech: dict) -> list[str]:
+    """Shared parameters per attention head (layers x heads, regimes side by side), consistency per layer, and
+    held-out accuracy after each intervention."""
+    names = []
+    trace_summary = mech["trace"]
+    regimes = list(trace_summary)
+    heads = {r: np.array(trace_summary[r]["shared"]["intersection"]["heads"]) for r in regimes}
+    vmax = max(1, *(h.max() for h in heads.values()))
+    fig, axes = plt.subplots(1, len(regimes), figsize=(3.2 * len(regimes) + 1, 3), squeeze=False)
+    for ax, regime in zip(axes[0], regimes):
+        image = ax.imshow(heads[regime], cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
+        ax.set(title=regime.replace("_", "-"), xlabel="query head", ylabel="layer")
+        ax.set_xticks(range(heads[regime].shape[1]))
+        ax.set_yticks(range(heads[regime].shape[0]))
+    fig.colorbar(image, ax=axes[0].tolist(), label="shared parameters")
+    fig.suptitle("Shared parameters per attention head")
+    names.append(_save(fig, out_dir, "shared_heads.png", tight=False))
+
+    fig, (ax_grad, ax_rep) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for (regime, grad), style in zip(mech["consistency"]["gradient"].items(), ("-o", "-s")):
+        per_layer = grad["qa_train"]["per_layer"]
+        ax_grad.plot(range(len(per_layer)), per_layer, style, label=regime.replace("_", "-"))
+        rep = mech["consistency"]["representation"][regime]["qa_train"]
+        for site, alpha in (("subject", 1.0), ("answer", 0.45)):
+            ax_rep.plot(range(len(rep[site])), rep[site], style, alpha=alpha,
+                        label=f"{regime.replace('_', '-')}: {site}")
+    ax_grad.set(xlabel="layer", ylabel="mean cosine", title="Gradient consistency (BIO vs QA, per layer)")
+    ax_rep.set(xlabel="layer (0: embeddings)", ylabel="mean cosine", title="Hidden-state consistency (BIO vs QA)")
+    for ax in (ax_grad, ax_rep):
+        ax.legend(fontsize=7)
+    names.append(_save(fig, out_dir, "consistency_per_layer.png"))
+
+    rows = [r for r in mech["interventions"] if r["intervention"] != "none"]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    labels = [f"{r['model'].replace('_', '-')}: {r['intervention']} ({r['mask']})" for r in rows]
+    colors = ["tab:red" if r["mask"] == "shared" else "tab:gray" for r in rows]
+    ax.barh(range(len(rows)), [r["qa_test_accuracy"] for r in rows], color=colors)
+    for regime, style in zip(regimes, ("--", ":")):
+        ax.axvline(_accuracy(mech["interventions"], regime, "none", "-"), color="k", ls=style,
+                   label=f"{regime.replace('_', '-')}: no intervention")
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="held-out QA exact match", xlim=(0, 1.02), title="After interventions (red: shared, grey: random)")
+    ax.legend(fontsize=7)
+    names.append(_save(fig, out_dir, "interventions.png"))
+    return names

@@ -3,13 +3,14 @@
     python -m launch.reproduce --config=configs/default.py --workdir=runs/default
 
 Mixed trains once; two-stage trains stage 1 once and forks stage 2 at each learning rate of
-config.reproduce.stage2_learning_rates. Started again on the same work directory, every run resumes.
+config.reproduce.stage2_learning_rates; then the gradient trace, shared parameters, interventions and consistency
+of mixed and the fairest two-stage run (config.trace). Started again on the same work directory, every run resumes.
 """
 import jax
 from absl import flags
 from ml_collections import config_flags
 
-from factrecall_jax import cli, experiment
+from factrecall_jax import cli, study
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (created; resumed if it holds runs).", required=True)
@@ -18,7 +19,7 @@ flags.mark_flag_as_required("config")
 
 def main(_):
     print(f"devices: {jax.devices()}")
-    experiment.reproduce(_CONFIG.value, _WORKDIR.value)
+    study.reproduce(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

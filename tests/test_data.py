@@ -1,4 +1,4 @@
-"""bioS data: pools, people, splits, templates, determinism, and tokenization with three tokenizer styles."""
+"""bioS data: pools, people, splits, templates, spans, determinism, and tokenization with three tokenizer styles."""
 import collections
 import dataclasses
 import itertools
@@ -236,6 +236,18 @@ def test_permute_and_fullname_keep_spans_right():
         assert (len(orders) > 10) if permute else (orders == {ATTRIBUTES})
 
 
+def test_subject_span_is_the_first_full_name(small):
+    fullname = data.DatasetConfig(num_people=10, seed=1, permute=True, fullname=True)
+    for config, dataset_dict in (small, (fullname, data.build_dataset(fullname))):
+        people = data.sample_people(config.num_people, config.seed)
+        for name, split in dataset_dict.items():
+            for row in rows(split):
+                name_of = people[row["person_id"]].name
+                assert row["text"][row["subject_start"]:row["subject_end"]] == name_of, name
+                assert row["text"].index(name_of) == row["subject_start"], name
+                assert row["subject_end"] <= min(row["span_start"])  # the subject comes before every value
+
+
 def test_paraphrase_splits_reword_the_questions(small):
     config, ds = small
     people = data.sample_people(config.num_people, config.seed)
@@ -268,7 +280,7 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def _save_bpe(folder, texts, style):
+def save_bpe(folder, texts, style):
     """A byte-level BPE tokenizer built here and saved as an HF folder, in the style of Llama 3 or of GPT-NeoX."""
     llama3 = style == "llama3"
     bos, eos = ("<|begin_of_text|>", "<|end_of_text|>") if llama3 else ("<|endoftext|>", "<|endoftext|>")
@@ -302,7 +314,7 @@ def tokenized(request, small, tmp_path_factory):
         tokenizer = data.get_tokenizer("word", ds)
     else:
         texts = [t for split in ds.values() for t in split["text"]]
-        folder = _save_bpe(tmp_path_factory.mktemp(request.param), texts, request.param)
+        folder = save_bpe(tmp_path_factory.mktemp(request.param), texts, request.param)
         tokenizer = data.get_tokenizer(str(folder), ds)
         assert tokenizer.pad_token_id == tokenizer.eos_token_id  # neither defines a pad token
     return ds, tokenizer, data.tokenize(ds, tokenizer)
@@ -317,7 +329,7 @@ def test_one_bos_and_eos_at_the_ends(tokenized):
             ids = row["input_ids"]
             assert ids[0] == bos and ids[1] != bos and ids[-1] == eos
             assert ids[1:-1].count(bos) == ids[1:-1].count(eos) == 0
-            assert len(ids) == len(row["loss_mask"]) == len(row["value_attribute_ids"])
+            assert len(ids) == len(row["loss_mask"]) == len(row["value_attribute_ids"]) == len(row["subject_mask"])
 
 
 def test_loss_mask_selects_the_answer_and_eos(tokenized):
@@ -347,6 +359,17 @@ def test_value_tokens_decode_to_the_values(tokenized):
         assert [ATTRIBUTES[v] for v, _ in runs] == row["span_attribute"]  # one run per value, in text order
         for v, ids in runs:
             assert tokenizer.decode(ids).strip() == values[ATTRIBUTES[v]]
+
+
+def test_subject_tokens_decode_to_the_name(tokenized):
+    ds, tokenizer, tds = tokenized
+    for name in tds:
+        for row in rows(tds[name]):
+            marked = np.flatnonzero(row["subject_mask"])
+            assert len(marked) and np.all(np.diff(marked) == 1), name  # one run of tokens
+            subject = tokenizer.decode([row["input_ids"][i] for i in marked]).strip()
+            assert subject == row["text"][row["subject_start"]:row["subject_end"]], name
+            assert set(row["subject_mask"]) <= {0, 1}
 
 
 def test_invalid_qa_loss_raises(small):

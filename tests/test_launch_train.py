@@ -34,12 +34,44 @@ def test_reproduce_summary_follows_the_fairest_rule(reproduced):
     for entry in [summary["mixed"], *summary["two_stage_sweep"]]:
         assert {"qa_train_accuracy", "qa_test_accuracy", "bio_accuracy", "per_attribute"} <= set(entry)
     assert report.results_table(summary) in stdout  # the table is printed
+    _assert_figures(workdir, "accuracy_vs_step.png", "per_attribute.png", "stage2_sweep.png")
+
+
+def _assert_figures(workdir, *names):
+    """Each figure is linked from report.md and is a PNG file."""
     with open(os.path.join(workdir, "report.md"), encoding="utf-8") as f:
         text = f.read()
-    for name in ("accuracy_vs_step.png", "per_attribute.png", "stage2_sweep.png"):
+    for name in names:
         assert f"(figures/{name})" in text
         with open(os.path.join(workdir, "figures", name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reproduce_looks_inside_both_regimes(reproduced):
+    workdir, summary, _ = reproduced
+    config = experiment.load_config(workdir)
+    phases = experiment.schedule(experiment.override(config, schedule="two_stage"))
+    # TracInCP weights: the learning rate of the update that produced each checkpoint; two-stage spans both stages
+    assert [c["step"] for c in summary["trace"]["mixed"]["checkpoints"]] == [8, 16, 24]
+    stage1_lr = experiment.phase_optimizer(phases, 0)[1]
+    two_stage = summary["trace"]["two_stage"]["checkpoints"]
+    assert [c["step"] for c in two_stage] == [8, 16, 24]
+    assert [c["learning_rate"] for c in two_stage[:2]] == pytest.approx([float(stage1_lr(7)), float(stage1_lr(15))])
+    assert summary["trace"]["two_stage"]["stage2_lr"] in [e["stage2_lr"] for e in summary["two_stage_sweep"]]
+    rows = {(r["model"], r["intervention"], r["mask"]): r for r in summary["interventions"]}
+    for key in ("qa_train_accuracy", "qa_test_accuracy", "bio_accuracy"):
+        assert rows["mixed", "none", "-"][key] == summary["mixed"][key]  # the unablated model is the trained one
+    for model, intervention in [("mixed", "ablate to zero"), ("two_stage", "reset to init"),
+                                ("two_stage", "graft from mixed")]:
+        assert rows[model, intervention, "shared"]["count"] == rows[model, intervention, "random"]["count"] > 0
+    assert rows["two_stage", "graft from mixed", "shared"]["count"] == \
+        summary["trace"]["mixed"]["shared"]["intersection"]["total"]["count"]
+    for regime in ("mixed", "two_stage"):
+        for split in ("qa_train", "qa_test"):
+            assert len(summary["consistency"]["representation"][regime][split]["subject"]) == 3  # embeddings + 2
+            assert -1 <= summary["consistency"]["gradient"][regime][split]["mean"] <= 1
+        assert os.path.exists(os.path.join(workdir, "trace", f"{regime}.safetensors"))
+    _assert_figures(workdir, "shared_heads.png", "consistency_per_layer.png", "interventions.png")
 
 
 def test_evaluate_agrees_with_the_summary(reproduced):

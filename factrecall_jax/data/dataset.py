@@ -1,9 +1,11 @@
-"""The bioS DatasetDict (BIO and QA splits with value spans) and its tokenization with loss masks.
+"""The bioS DatasetDict (BIO and QA splits with value and subject spans) and its tokenization with loss masks.
 
 Splits: `bio` (every person), `qa_train` (QA about the training half of the people), `qa_test` (the held-out half),
 and with `qa_paraphrases > 0` also `qa_train_paraphrase` / `qa_test_paraphrase` (the same people, reworded questions).
 Every split has one schema: person_id, attribute ("bio" or one of ATTRIBUTES), text, prompt, answer (empty for BIO)
-and the character spans of the attribute values in `text` (span_attribute, span_start, span_end; in text order).
+the character spans of the attribute values in `text` (span_attribute, span_start, span_end; in text order), and
+the character span of the first mention of the person's full name (subject_start, subject_end), where analyses look
+for the subject in both formats.
 Rows are ordered by person_id, then attribute. The build is a pure function of the config, so `Dataset.from_dict`
 gives the same content fingerprint for the same config.
 """
@@ -25,12 +27,15 @@ FEATURES = datasets.Features({
     "span_attribute": datasets.List(datasets.Value("string")),
     "span_start": datasets.List(datasets.Value("int32")),
     "span_end": datasets.List(datasets.Value("int32")),
+    "subject_start": datasets.Value("int32"),
+    "subject_end": datasets.Value("int32"),
 })
 TOKEN_FEATURES = datasets.Features({
     **FEATURES,
     "input_ids": datasets.List(datasets.Value("int32")),
     "loss_mask": datasets.List(datasets.Value("int8")),  # 1 where the token is a training target (unshifted)
     "value_attribute_ids": datasets.List(datasets.Value("int8")),  # index into ATTRIBUTES, -1 outside values
+    "subject_mask": datasets.List(datasets.Value("int8")),  # 1 on the tokens of the subject span
 })
 QA_LOSSES = ("answer", "all")
 NUM_BIO_TEMPLATES = min(len(t) for t in templates.BIO_TEMPLATES.values())
@@ -92,7 +97,7 @@ def _rows():
     return {name: [] for name in FEATURES}
 
 
-def _add(rows, person_id, attribute, text, spans, prompt="", answer=""):
+def _add(rows, person_id, attribute, text, spans, subject, prompt="", answer=""):
     rows["person_id"].append(person_id)
     rows["attribute"].append(attribute)
     rows["text"].append(text)
@@ -101,6 +106,8 @@ def _add(rows, person_id, attribute, text, spans, prompt="", answer=""):
     rows["span_attribute"].append([a for a, _, _ in spans])
     rows["span_start"].append([s for _, s, _ in spans])
     rows["span_end"].append([e for _, _, e in spans])
+    rows["subject_start"].append(subject[0])
+    rows["subject_end"].append(subject[1])
 
 
 def _bio_rows(people, config):
@@ -111,8 +118,8 @@ def _bio_rows(people, config):
     rows = _rows()
     for person in people:
         for ids, order in zip(template_ids[person.person_id], orders[person.person_id]):
-            text, spans = templates.render_bio(person, ids, order, config.fullname)
-            _add(rows, person.person_id, "bio", text, spans)
+            text, spans, subject = templates.render_bio(person, ids, order, config.fullname)
+            _add(rows, person.person_id, "bio", text, spans, subject)
     return rows
 
 
@@ -122,8 +129,9 @@ def _qa_rows(people, questions):
     for person in people:
         for attribute in ATTRIBUTES:
             for question in questions(person.person_id, attribute):
-                prompt, text, (start, end) = templates.render_qa(person, attribute, question)
-                _add(rows, person.person_id, attribute, text, [(attribute, start, end)], prompt, text[start:end])
+                prompt, text, (start, end), subject = templates.render_qa(person, attribute, question)
+                _add(rows, person.person_id, attribute, text, [(attribute, start, end)], subject, prompt,
+                     text[start:end])
     return rows
 
 
@@ -151,17 +159,17 @@ def build_dataset(config: DatasetConfig) -> datasets.DatasetDict:
     return datasets.DatasetDict({name: datasets.Dataset.from_dict(r, features=FEATURES) for name, r in rows.items()})
 
 
-def _token_values(text, offsets, spans):
-    """Per token, the index into ATTRIBUTES of the value it belongs to, else -1.
+def _token_labels(text, offsets, spans):
+    """Per token, the label of the span it belongs to, else -1; `spans` are `(label, start, end)`, labels >= 0.
 
-    A token belongs to a value when its characters, leading whitespace ignored, overlap the value. A token of only
-    whitespace (GPT-NeoX trims its offsets to nothing) belongs to a value when the characters on both sides do:
+    A token belongs to a span when its characters, leading whitespace ignored, overlap the span. A token of only
+    whitespace (GPT-NeoX trims its offsets to nothing) belongs to a span when the characters on both sides do:
     Llama 3 and Pythia split "April 8" into "April", " ", "8", and the answer's loss mask must not have a hole there.
     Special tokens have offsets (0, 0) and belong to nothing.
     """
     char_values = np.full(len(text) + 1, -1, np.int8)  # one more: the -1 after the text
-    for attribute, start, end in spans:
-        char_values[start:end] = ATTRIBUTES.index(attribute)
+    for label, start, end in spans:
+        char_values[start:end] = label
     values = []
     for start, end in offsets:
         content = start + len(text[start:end]) - len(text[start:end].lstrip())
@@ -180,7 +188,7 @@ def _tokenize_split(split, tokenizer, qa_loss):
     # transformers cannot encode an empty batch, and qa_train_fraction 0 or 1 leaves a QA split empty
     encoded = tokenizer(texts, return_offsets_mapping=True) if texts else {"input_ids": [], "offset_mapping": []}
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    rows.update(input_ids=[], loss_mask=[], value_attribute_ids=[])
+    rows.update(input_ids=[], loss_mask=[], value_attribute_ids=[], subject_mask=[])
     for i, (ids, offsets) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"])):
         # The tokenizer's post-processor may add BOS (Llama 3) or not (GPT-NeoX): add what is missing, never twice.
         if bos is not None and ids[:1] != [bos]:
@@ -188,7 +196,8 @@ def _tokenize_split(split, tokenizer, qa_loss):
         if ids[-1:] != [eos]:
             ids, offsets = ids + [eos], offsets + [(0, 0)]
         spans = zip(rows["span_attribute"][i], rows["span_start"][i], rows["span_end"][i])
-        values = _token_values(texts[i], offsets, spans)
+        values = _token_labels(texts[i], offsets, [(ATTRIBUTES.index(a), s, e) for a, s, e in spans])
+        subject = _token_labels(texts[i], offsets, [(1, rows["subject_start"][i], rows["subject_end"][i])])
         if rows["attribute"][i] == "bio" or qa_loss == "all":
             mask = [1] * len(ids)
         else:  # the answer tokens and the EOS that ends the answer
@@ -198,11 +207,12 @@ def _tokenize_split(split, tokenizer, qa_loss):
         rows["input_ids"].append(ids)
         rows["loss_mask"].append(mask)
         rows["value_attribute_ids"].append(values)
+        rows["subject_mask"].append([max(v, 0) for v in subject])
     return datasets.Dataset.from_dict(rows, features=TOKEN_FEATURES)
 
 
 def tokenize(dataset_dict: datasets.DatasetDict, tokenizer, *, qa_loss="answer") -> datasets.DatasetDict:
-    """Adds input_ids (BOS ... EOS), loss_mask and value_attribute_ids to every split.
+    """Adds input_ids (BOS ... EOS), loss_mask, value_attribute_ids and subject_mask to every split.
 
     Args:
       dataset_dict: from `build_dataset`.

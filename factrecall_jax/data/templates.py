@@ -1,5 +1,7 @@
-"""BIO sentences and QA questions, rendered with the character span of every attribute value.
+"""BIO sentences and QA questions, rendered with the character spans of every attribute value and of the subject.
 
+The subject span (the first mention of the full name) lets analyses find the same entity in both formats: the
+representation and gradient analyses compare a fact's BIO and QA examples at the subject and at the answer.
 Every BIO template starts with its subject, `{name}`, so a pronoun (He/She) or the full name fits at the sentence start;
 `{value}` appears once. The first template of each attribute is the default (`bio_templates=1`): with it a biography
 is 35 word tokens, 37 with BOS and EOS (../shared/notes/tiny-recall.md).
@@ -106,7 +108,8 @@ def render_bio(person: Person, template_ids, order, fullname=False):
     """One biography: sentence j states attribute ATTRIBUTES[order[j]] with template template_ids[order[j]].
 
     The first sentence names the person in full, later ones use the pronoun unless `fullname`.
-    Returns the text and the value spans, `(attribute, start, end)` in text order.
+    Returns the text, the value spans, `(attribute, start, end)` in text order, and the subject span `(start, end)`:
+    the full name in the first sentence.
     """
     sentences, spans, offset = [], [], 0
     for j, a in enumerate(order):
@@ -118,11 +121,15 @@ def render_bio(person: Person, template_ids, order, fullname=False):
         spans.append((attribute, start, start + len(value)))
         sentences.append(before + value + after)
         offset += len(sentences[-1]) + 1  # the space joining sentences
-    return " ".join(sentences), spans
+    name_start = BIO_TEMPLATES[ATTRIBUTES[order[0]]][template_ids[order[0]]].index("{name}")  # in the first sentence
+    return " ".join(sentences), spans, (name_start, name_start + len(person.name))
 
 
 def render_qa(person: Person, attribute, question):
-    """A QA pair, `question + " " + answer`; returns the prompt (the question), the text and the answer span."""
+    """A QA pair, `question + " " + answer`; returns the prompt (the question), the text, the answer span and the
+    subject span (the name in the question)."""
     prompt = question.format(name=person.name)
     answer = getattr(person, attribute)
-    return prompt, f"{prompt} {answer}", (len(prompt) + 1, len(prompt) + 1 + len(answer))
+    name_start = question.index("{name}")
+    return (prompt, f"{prompt} {answer}", (len(prompt) + 1, len(prompt) + 1 + len(answer)),
+            (name_start, name_start + len(person.name)))

@@ -110,7 +110,7 @@ class GPTNeoXLayer(nnx.Module):
         return self.mlp(self.post_attention_layernorm(attn_BTD)) + attn_BTD
 
 
-class GPTNeoX(nnx.Module):
+class GPTNeoX(layers.CausalLM):
     """GPT-NeoX causal LM; `layers` holds all blocks stacked on a leading axis L and runs them in one scan."""
 
     def __init__(self, config: GPTNeoXConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -125,11 +125,8 @@ class GPTNeoX(nnx.Module):
             "BTD,DV->BTV", (config.hidden_size, config.vocab_size), use_bias=False,
             init_std=config.initializer_range, **kw, rngs=rngs)
 
-    def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,
-                 position_ids_BT: jax.Array | None = None) -> jax.Array:
-        """Float32 logits [B, T, V]; attention_mask_BT is 1 for real tokens and 0 for padding."""
-        return layers.causal_lm_forward(self.config, self.embed_in, self.layers, self.final_layer_norm,
-                                        self.embed_out, input_ids_BT, attention_mask_BT, position_ids_BT)
+    def _ends(self):
+        return self.embed_in, self.final_layer_norm, self.embed_out
 
 
 _QKV = Split(-1, ("num_attention_heads", 3, "head_dim"))

@@ -238,25 +238,57 @@ def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, 
     return make(rngs)
 
 
-def scan_layers(stacked: nnx.Module, x: jax.Array, *args) -> jax.Array:
-    """x = layer_l(x, *args) for l = 0 .. L-1 under one jax.lax.scan, so compile time does not grow with depth."""
+def scan_layers(stacked: nnx.Module, x: jax.Array, *args, collect: bool = False):
+    """x = layer_l(x, *args) for l = 0 .. L-1 under one jax.lax.scan, so compile time does not grow with depth.
+
+    collect=True also returns every layer's output, stacked [L, *x.shape].
+    """
     graphdef, state = nnx.split(stacked)
 
     def body(carry, layer_state):
-        return nnx.merge(graphdef, layer_state)(carry, *args), None
+        out = nnx.merge(graphdef, layer_state)(carry, *args)
+        return out, out if collect else None
 
-    return jax.lax.scan(body, x, state)[0]
+    x, outputs = jax.lax.scan(body, x, state)
+    return (x, outputs) if collect else x
 
 
-def causal_lm_forward(config, embed: nnx.Embed, stacked_layers: nnx.Module, final_norm: nnx.Module,
-                      lm_head: nnx.Module | None, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None,
-                      position_ids_BT: jax.Array | None) -> jax.Array:
-    """embed -> the scanned layers -> final norm -> head (the embedding's transpose when tied); float32 logits."""
-    b, t = input_ids_BT.shape
-    if position_ids_BT is None:
-        position_ids_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
-    cos_sin = rope_cos_sin(position_ids_BT, rope_inv_freq(config.rope_parameters, config.head_dim))
-    x_BTD = scan_layers(stacked_layers, embed(input_ids_BT), cos_sin, attention_mask(attention_mask_BT, b, t))
-    x_BTD = final_norm(x_BTD)
-    logits_BTV = embed.attend(x_BTD) if lm_head is None else lm_head(x_BTD)
-    return logits_BTV.astype(jnp.float32)
+class CausalLM(nnx.Module):
+    """embed -> the stacked layers (`self.layers`, one scan) -> unembed, with each stage callable on its own.
+
+    The stages are public because the lean gradient trace differentiates one layer at a time and representation
+    analyses read the residual stream between layers. Subclasses set `config` and `layers` and name their embedding,
+    final norm and head as their Hugging Face checkpoints do, returning them from `_ends`.
+    """
+
+    def _ends(self) -> tuple[nnx.Embed, nnx.Module, nnx.Module | None]:
+        """(token embedding, final norm, untied output head or None when tied)."""
+        raise NotImplementedError
+
+    def embed(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,
+              position_ids_BT: jax.Array | None = None) -> tuple[jax.Array, tuple]:
+        """(token embeddings [B, T, D], the arguments every layer takes after x: RoPE tables and the mask)."""
+        b, t = input_ids_BT.shape
+        if position_ids_BT is None:
+            position_ids_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
+        cos_sin = rope_cos_sin(position_ids_BT, rope_inv_freq(self.config.rope_parameters, self.config.head_dim))
+        return self._ends()[0](input_ids_BT), (cos_sin, attention_mask(attention_mask_BT, b, t))
+
+    def unembed(self, x_BTD: jax.Array) -> jax.Array:
+        """Final norm, then the head (the embedding's transpose when tied): float32 logits [B, T, V]."""
+        embedding, final_norm, head = self._ends()
+        x_BTD = final_norm(x_BTD)
+        return (embedding.attend(x_BTD) if head is None else head(x_BTD)).astype(jnp.float32)
+
+    def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,
+                 position_ids_BT: jax.Array | None = None) -> jax.Array:
+        """Float32 logits [B, T, V]; attention_mask_BT is 1 for real tokens and 0 for padding."""
+        x_BTD, layer_args = self.embed(input_ids_BT, attention_mask_BT, position_ids_BT)
+        return self.unembed(scan_layers(self.layers, x_BTD, *layer_args))
+
+    def hidden_states(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,
+                      position_ids_BT: jax.Array | None = None) -> jax.Array:
+        """The residual stream [L + 1, B, T, D]: the embeddings, then every layer's output (before the final norm)."""
+        x_BTD, layer_args = self.embed(input_ids_BT, attention_mask_BT, position_ids_BT)
+        outputs_LBTD = scan_layers(self.layers, x_BTD, *layer_args, collect=True)[1]
+        return jnp.concatenate([x_BTD[None], outputs_LBTD])

@@ -107,7 +107,7 @@ class LlamaDecoderLayer(nnx.Module):
         return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
 
 
-class Llama(nnx.Module):
+class Llama(layers.CausalLM):
     """Llama causal LM; `layers` holds all decoder layers stacked on a leading axis L and runs them in one scan."""
 
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -122,11 +122,8 @@ class Llama(nnx.Module):
             "BTD,DV->BTV", (config.hidden_size, config.vocab_size), use_bias=False,
             init_std=config.initializer_range, **kw, rngs=rngs)
 
-    def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,
-                 position_ids_BT: jax.Array | None = None) -> jax.Array:
-        """Float32 logits [B, T, V]; attention_mask_BT is 1 for real tokens and 0 for padding."""
-        return layers.causal_lm_forward(self.config, self.embed_tokens, self.layers, self.norm, self.lm_head,
-                                        input_ids_BT, attention_mask_BT, position_ids_BT)
+    def _ends(self):
+        return self.embed_tokens, self.norm, self.lm_head
 
 
 _HEADS = Split(-1, ("num_attention_heads", "head_dim"))

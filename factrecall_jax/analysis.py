@@ -1,0 +1,235 @@
+"""From a gradient trace to the paper's findings: which parameters BIO and QA training share, where they sit (modules,
+layers, attention heads, MLP neurons), how concentrated they are, and how aligned the two tasks' gradients are.
+
+Masks are boolean trees like the parameters (nnx.State of nnx.Param, each carrying its logical axis names in the
+`out_sharding` metadata), so `interventions` can ablate or graft them directly. The aggregations read those axis names,
+not module names, so any model built with them works: a leaf whose first axis is "layers" is stacked (one slice per
+layer), "heads" / "kv_heads" index attention heads and "mlp" indexes MLP neurons. Everything else returns plain Python
+and numpy values, ready for JSON.
+
+Selecting the top fraction of a billion-parameter tree must not copy it into one array: `top_fraction_mask` finds the
+exact threshold by bisection over float32 bit patterns, reading the tree once per step (about 31 steps).
+"""
+import math
+from collections.abc import Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from factrecall_jax.models.layers import LOGICAL_AXES
+from factrecall_jax.trace import TraceResult
+
+LAYER_AXIS, HEAD_AXIS, KV_HEAD_AXIS, NEURON_AXIS = "layers", LOGICAL_AXES["N"], LOGICAL_AXES["K"], LOGICAL_AXES["F"]
+RULES = ("intersection", "cross")
+_INF_BITS = 0x7F800000  # the int32 bit pattern of float32 +inf, above every finite non-negative float32
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shared parameters: the top fraction of a score tree.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _positive_bits(x: jax.Array) -> jax.Array:
+    """int32 bit patterns of max(x, 0) in float32 (NaN -> 0); for non-negative float32 they order like the values.
+
+    Selected on the bits rather than by `x > 0`, which XLA evaluates with subnormals flushed to zero.
+    """
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    return jnp.where((bits > 0) & (bits <= _INF_BITS), bits, 0)  # negative values have the sign bit set: bits < 0
+
+
+@jax.jit
+def _count_at_least(leaves: list[jax.Array], bits: jax.Array) -> list[jax.Array]:
+    """Per leaf and slice along its first axis (no int32 sum overflows), how many entries have bit pattern >= bits."""
+    def count(x):
+        x_RC = x.reshape(1, x.size) if x.ndim < 2 else x.reshape(x.shape[0], math.prod(x.shape[1:]))
+        return jnp.sum(_positive_bits(x_RC) >= bits, axis=1, dtype=jnp.int32)
+
+    return [count(x) for x in leaves]
+
+
+@jax.jit
+def _mask_at_least(tree, bits: jax.Array):
+    return jax.tree.map(lambda x: _positive_bits(x) >= bits, tree)
+
+
+def top_fraction_mask(tree, fraction: float):
+    """True where a value is positive and among the top `fraction` of all values of all leaves together.
+
+    With k = max(1, round(fraction * total size)), the threshold is the exact k-th largest value; every value equal to
+    it is included, so ties can select more than k entries. Values <= 0 (and NaN) are never selected, so fewer than k
+    positive values select exactly those. The threshold is found by bisection on the int32 bit patterns of the values
+    clipped to >= 0 in float32 (monotone there), counting over the leaves one pass per step: no leaf is copied or
+    concatenated.
+
+    Args:
+      tree: any pytree of arrays, e.g. an nnx.State like the parameters.
+      fraction: in (0, 1].
+
+    Returns:
+      A boolean tree with the structure (and nnx metadata) of `tree`.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction={fraction!r} is invalid: expected 0 < fraction <= 1")
+    leaves = jax.tree.leaves(tree)
+    total = sum(x.size for x in leaves)
+    if not total:
+        raise ValueError("top_fraction_mask got a tree with no values")
+    k = max(1, round(fraction * total))
+    lo, hi = 0, _INF_BITS + 1  # invariant: at least k values have bits >= lo, fewer than k have bits >= hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        counts = jax.device_get(_count_at_least(leaves, np.int32(mid)))
+        lo, hi = (mid, hi) if sum(int(c.sum(dtype=np.int64)) for c in counts) >= k else (lo, mid)
+    return _mask_at_least(tree, np.int32(max(lo, 1)))  # bits >= 1 <=> value > 0
+
+
+def shared_parameters(result: TraceResult, top_fraction: float = 0.01, rule: str = "intersection"):
+    """The parameters both tasks rely on, as a boolean tree like the parameters.
+
+    rule "intersection": in the top `top_fraction` by sum_i |g_bio_i| and also in the top `top_fraction` by
+    sum_i |g_qa_i| (the paper's definition). rule "cross": in the top `top_fraction` by the positive part of
+    sum_i g_bio_i * g_qa_i, i.e. parameters whose BIO and QA gradients agree in sign and are large together.
+    """
+    if rule == "intersection":
+        return jax.tree.map(jnp.logical_and, top_fraction_mask(result.bio_abs, top_fraction),
+                            top_fraction_mask(result.qa_abs, top_fraction))
+    if rule == "cross":
+        return top_fraction_mask(result.cross, top_fraction)  # negative values are never selected
+    raise ValueError(f"unknown rule {rule!r}; valid rules: {', '.join(RULES)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Where the shared parameters sit.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _mask_leaves(mask) -> Iterator[tuple[str, jax.Array, tuple]]:
+    """(dotted path, boolean array, logical axis names or ()) for every leaf of a mask."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(mask, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        x, axes = (leaf.get_value(), tuple(leaf.get_metadata().get("out_sharding") or ())) \
+            if isinstance(leaf, nnx.Variable) else (leaf, ())
+        if x.dtype != jnp.bool_:
+            raise ValueError(f"mask leaf {name} has dtype {x.dtype}; a mask must be boolean")
+        yield name, x, axes
+
+
+def _share(count: int, size: int) -> dict:
+    return {"count": count, "size": size, "fraction": count / size if size else 0.0}
+
+
+def module_counts(mask) -> dict:
+    """How many parameters of each tensor, of each layer and in all are True in `mask`.
+
+    Returns:
+      {"total": share, "per_layer": [share of layer l over all stacked tensors], "modules": {path: share plus
+      "per_layer": [count in layer l] for stacked tensors, None otherwise}}, where a share is {"count", "size",
+      "fraction"} and path is the tensor's dotted path in the parameters, e.g. "layers.self_attn.q_proj.kernel",
+      "layers.attention.query_key_value.bias", "embed_tokens.embedding", "norm.scale".
+    """
+    modules, layer_counts, layer_size = {}, None, 0
+    for name, x, axes in _mask_leaves(mask):
+        per_layer = None
+        if axes[:1] == (LAYER_AXIS,):
+            per_layer = np.asarray(jnp.sum(x.reshape(x.shape[0], -1), axis=1, dtype=jnp.int32), np.int64)
+            layer_counts = per_layer if layer_counts is None else layer_counts + per_layer
+            layer_size += x.size // x.shape[0]
+        count = int(jnp.sum(x, dtype=jnp.int32)) if per_layer is None else int(per_layer.sum())
+        modules[name] = {**_share(count, x.size), "per_layer": None if per_layer is None else per_layer.tolist()}
+    return {"total": _share(sum(m["count"] for m in modules.values()), sum(m["size"] for m in modules.values())),
+            "per_layer": [] if layer_counts is None else [_share(c, layer_size) for c in layer_counts.tolist()],
+            "modules": modules}
+
+
+def _axis_counts(mask, axis: str) -> np.ndarray | None:
+    """[L, size of `axis`]: True entries per layer and index along `axis`, summed over every stacked leaf that has
+    the axis; None when none has."""
+    total = None
+    for _, x, axes in _mask_leaves(mask):
+        if axes[:1] == (LAYER_AXIS,) and axis in axes:
+            i = axes.index(axis)
+            counts_LA = jnp.sum(x, axis=tuple(a for a in range(1, x.ndim) if a != i), dtype=jnp.int32)
+            total = counts_LA if total is None else total + counts_LA
+    return None if total is None else np.asarray(total, np.int64)
+
+
+def head_counts(mask) -> dict:
+    """True entries per layer and attention head, from the stacked leaves with a "heads" / "kv_heads" axis.
+
+    Every weight of a head counts towards it: for Llama q_proj and o_proj ("heads") and k_proj, v_proj ("kv_heads",
+    shared by the query heads of a group under GQA); for GPT-NeoX the fused query_key_value kernel and bias and the
+    attention output dense kernel ("heads"). Parameters per head, for fractions, are the counts of an all-True mask:
+    `head_counts(jax.tree.map(lambda x: jnp.ones_like(x, bool), mask))`.
+
+    Returns:
+      {"heads": int array [L, N], "kv_heads": int array [L, K], or None when no leaf has a "kv_heads" axis}.
+    """
+    heads = _axis_counts(mask, HEAD_AXIS)
+    if heads is None:
+        raise ValueError(f"no stacked leaf of the mask has a {HEAD_AXIS!r} axis in its out_sharding metadata")
+    return {"heads": heads, "kv_heads": _axis_counts(mask, KV_HEAD_AXIS)}
+
+
+def neuron_counts(mask) -> np.ndarray:
+    """True entries per layer and MLP neuron [L, F], over the stacked leaves with an "mlp" axis (the neuron's input
+    and output weights and biases). Parameters per neuron are the counts of an all-True mask, as for `head_counts`."""
+    neurons = _axis_counts(mask, NEURON_AXIS)
+    if neurons is None:
+        raise ValueError(f"no stacked leaf of the mask has a {NEURON_AXIS!r} axis in its out_sharding metadata")
+    return neurons
+
+
+def concentration(counts, top_k: int = 10) -> dict:
+    """How unevenly shared parameters spread over units (heads or neurons), from counts of any shape (flattened).
+
+    Returns:
+      {"top_k_share": the share of all counts held by the top min(top_k, n) units, "gini": the Gini coefficient, 0
+      when every unit holds the same and (n - 1) / n when one holds all}; both 0 when every count is 0.
+    """
+    x = np.sort(np.asarray(counts, np.float64).ravel())
+    if not x.size or x[0] < 0:
+        raise ValueError(f"counts must be a non-empty array of values >= 0; got {x.size} values, minimum "
+                         f"{x[0] if x.size else None}")
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k!r} is invalid: expected an integer >= 1")
+    total, n = x.sum(), x.size
+    if not total:
+        return {"top_k_share": 0.0, "gini": 0.0}
+    gini = np.sum((2 * np.arange(1, n + 1) - n - 1) * x) / (n * total)
+    return {"top_k_share": float(x[-min(top_k, n):].sum() / total), "gini": float(gini)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gradient alignment of the pairs.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _cosine(dot, sq_norm_a, sq_norm_b) -> np.ndarray:
+    dot, norms = np.asarray(dot, np.float64), np.sqrt(np.asarray(sq_norm_a, np.float64) * np.asarray(sq_norm_b))
+    return np.divide(dot, norms, out=np.zeros_like(dot), where=norms > 0)
+
+
+def pair_cosines(result: TraceResult) -> np.ndarray:
+    """[n] cosine of g_bio_i and g_qa_i over all parameters; 0 where either gradient is 0."""
+    return _cosine(result.pair_dot, result.bio_sq_norm, result.qa_sq_norm)
+
+
+def gradient_consistency(result: TraceResult, groups: Mapping[str, object] | None = None) -> dict:
+    """How well a person's BIO gradient points the same way as the QA gradient for the same fact.
+
+    Args:
+      result: a trace of n pairs.
+      groups: {name: labels [n]}, e.g. {"attribute": the attribute of each pair}, to average per label as well.
+
+    Returns:
+      {"mean": mean pair cosine, "per_layer": [L] mean over pairs of the cosine within layer l, and for each group
+      "by_<name>": {label: mean pair cosine}}.
+    """
+    cosine_n = pair_cosines(result)
+    layer_cosine_nL = _cosine(result.layer_pair_dot, result.layer_bio_sq_norm, result.layer_qa_sq_norm)
+    out = {"mean": float(cosine_n.mean()), "per_layer": layer_cosine_nL.mean(axis=0).tolist()}
+    for name, labels in (groups or {}).items():
+        if (labels := np.asarray(labels)).shape != cosine_n.shape:
+            raise ValueError(f"groups[{name!r}] has shape {labels.shape}; expected one label per pair {cosine_n.shape}")
+        out[f"by_{name}"] = {label: float(cosine_n[labels == label].mean()) for label in np.unique(labels).tolist()}
+    return out

@@ -1,0 +1,227 @@
+"""The main job (`reproduce`), and the looks inside trained runs it takes: the gradient trace over checkpoints,
+shared parameters, interventions, and how consistently each model treats the BIO and QA formats of one fact.
+
+`launch.reproduce`, `launch.trace` and `launch.intervene` call these; each takes work directories written by
+`experiment.train`.
+"""
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from factrecall_jax import analysis, evaluate, experiment, interventions, report, representations, trace
+from factrecall_jax.data import pairs as pairs_lib, schedules
+
+
+def run_dirs(workdir: str) -> list[str]:
+    """The directories holding a run's checkpoints: a forked stage 2's stage-1 run first, then the run itself."""
+    config = experiment.load_config(workdir)
+    fork = config.two_stage.fork_from if config.schedule == "two_stage" else ""
+    return [fork, workdir] if fork else [workdir]
+
+
+def checkpoint_plan(workdir: str, num_checkpoints: int) -> list[dict]:
+    """`num_checkpoints` saved steps spread evenly over the run (the last one included), each with its directory and
+    the learning rate of the update that produced it: the TracInCP weight.
+
+    Step 0 (the init) is left out: no update produced it.
+    """
+    if num_checkpoints < 1:
+        raise ValueError(f"num_checkpoints={num_checkpoints} is invalid: expected at least 1")
+    config = experiment.load_config(workdir)
+    where = {step: d for d in run_dirs(workdir) for step in experiment.checkpoint_steps(d) if step > 0}
+    steps = sorted(where)
+    if not steps:
+        raise FileNotFoundError(f"{workdir} has no checkpoint after step 0")
+    picks = sorted({steps[int(round(i))] for i in np.linspace(len(steps) - 1, 0, num_checkpoints)})
+    phases = experiment.schedule(config)
+    starts = schedules.phase_starts(phases)
+    plan = []
+    for step in picks:
+        index = max(i for i in range(len(phases)) if starts[i] <= step - 1)
+        learning_rate = float(experiment.phase_optimizer(phases, index)[1](step - 1))
+        plan.append({"dir": where[step], "step": step, "learning_rate": learning_rate})
+    return plan
+
+
+def trace_run(workdir: str, fact_pairs: dict, *, num_checkpoints: int = 5, chunk_size: int = 32, log=print):
+    """TracInCP over `checkpoint_plan`: (sum_c lr_c * trace_c, [per checkpoint: step, lr, gradient consistency],
+    the last checkpoint's own trace). fact_pairs: from data.pairs.fact_pairs."""
+    config, tokenized, tokenizer, graphdef, params_like = _abstract_run(workdir)
+    plan = checkpoint_plan(workdir, num_checkpoints)
+    loss, combined, records = None, None, []
+    for entry in plan:
+        start = time.perf_counter()
+        params = experiment.restore_params(entry["dir"], entry["step"], config, params_like)
+        loss = loss or trace.lm_loss(graphdef, params)
+        result = trace.cross_task_trace(loss, params, fact_pairs["bio"], fact_pairs["qa"], chunk_size=chunk_size)
+        weighted = trace.combine([result], [entry["learning_rate"]])
+        combined = weighted if combined is None else trace.combine([combined, weighted], [1.0, 1.0])
+        consistency = analysis.gradient_consistency(result, {"attribute": fact_pairs["attribute"]})
+        records.append({"step": entry["step"], "learning_rate": entry["learning_rate"], "gradient_consistency":
+                        consistency})
+        log(f"traced step {entry['step']} of {workdir} ({len(fact_pairs['attribute'])} pairs, lr "
+            f"{entry['learning_rate']:.2e}, mean cosine {consistency['mean']:.3f}) in "
+            f"{time.perf_counter() - start:.1f} s")
+    return combined, records, result
+
+
+def _abstract_run(workdir):
+    """(config, tokenized data, tokenizer, graphdef, abstract params) of a work directory: no weights read."""
+    config = experiment.load_config(workdir)
+    tokenized, tokenizer = experiment.load_data(config)
+    graphdef, params_like = nnx.split(experiment.abstract_model(config, len(tokenizer)), nnx.Param)
+    return config, tokenized, tokenizer, graphdef, params_like
+
+
+def shared_statistics(result: trace.TraceResult, top_fraction: float) -> tuple[dict, dict]:
+    """({rule: mask}, {rule: counts per module and layer, per head and neuron, and their concentration})."""
+    masks, stats = {}, {}
+    for rule in analysis.RULES:
+        mask = masks[rule] = analysis.shared_parameters(result, top_fraction, rule)
+        heads, neurons = analysis.head_counts(mask), analysis.neuron_counts(mask)
+        top_k = max(1, min(10, heads["heads"].size // 4))  # "top 10 heads" says nothing about a model with 8
+        stats[rule] = {**analysis.module_counts(mask),
+                       "heads": heads["heads"].tolist(),
+                       "kv_heads": None if heads["kv_heads"] is None else heads["kv_heads"].tolist(),
+                       "head_concentration": {"top_k": top_k, **analysis.concentration(heads["heads"], top_k)},
+                       "neuron_concentration": analysis.concentration(neurons)}
+    return masks, stats
+
+
+def save_trace(result: trace.TraceResult, records: list[dict], path: str) -> None:
+    trace.save(result, path, {"checkpoints": json.dumps(records)})
+
+
+def intervention_table(models: dict[str, tuple], masks: dict[str, nnx.State], evaluator: evaluate.Evaluator,
+                       init_params: nnx.State, seed: int = 0, graft_pairs=(("two_stage", "mixed"),)) -> list[dict]:
+    """Accuracy after each intervention, against a random control with the same count in every tensor.
+
+    models: {regime: params}; masks: {regime: shared-parameter mask}. Each model is ablated with its own mask
+    (set to zero, and reset to the init); for (recipient, donor) in graft_pairs the donor's values under the donor's
+    mask are grafted into the recipient.
+    """
+    rows = []
+
+    def score(model, intervention, mask_name, count, params):
+        result = evaluator(params)
+        rows.append({"model": model, "intervention": intervention, "mask": mask_name, "count": count,
+                     **{k: v for k, v in result.items() if k.endswith("_accuracy")}})
+
+    def count_of(mask):
+        return int(sum(np.count_nonzero(np.asarray(x)) for x in jax.tree.leaves(mask)))
+
+    for regime, params in models.items():
+        score(regime, "none", "-", 0, params)
+        for mask_name, mask in (("shared", masks[regime]), ("random", interventions.random_mask(masks[regime], seed))):
+            score(regime, "ablate to zero", mask_name, count_of(mask), interventions.ablate(params, mask))
+            score(regime, "reset to init", mask_name, count_of(mask), interventions.ablate(params, mask, init_params))
+    for recipient, donor in graft_pairs:
+        mask = masks[donor]
+        for mask_name, m in (("shared", mask), ("random", interventions.random_mask(mask, seed))):
+            score(recipient, f"graft from {donor}", mask_name, count_of(m),
+                  interventions.graft(models[recipient], models[donor], m))
+    return rows
+
+
+def mechanisms(runs: dict[str, str], out_dir: str, *, num_checkpoints: int, num_people: int, top_fraction: float,
+               chunk_size: int, seed: int, log=print) -> dict:
+    """The main job's second half for {regime: final work directory}: trace, shared parameters, interventions and
+    consistency. Writes `out_dir/<regime>.safetensors` (the combined traces); returns the summary's sections."""
+    config, tokenized, tokenizer, graphdef, params_like = _abstract_run(next(iter(runs.values())))
+    pairs = {split: pairs_lib.fact_pairs(tokenized, tokenizer.pad_token_id, split, num_people, seed)
+             for split in ("qa_train", "qa_test")}
+    evaluator = evaluate.Evaluator(schedules.token_tables(tokenized, tokenizer.pad_token_id), graphdef,
+                                   config.train.eval_batch_size)
+    os.makedirs(out_dir, exist_ok=True)
+    trace_summary, consistency, masks, finals = {}, {"gradient": {}, "representation": {}}, {}, {}
+    for regime, workdir in runs.items():
+        log(f"== trace: {regime}")
+        combined, records, last = trace_run(workdir, pairs["qa_train"], num_checkpoints=num_checkpoints,
+                                            chunk_size=chunk_size, log=log)
+        save_trace(combined, records, os.path.join(out_dir, f"{regime}.safetensors"))
+        regime_masks, stats = shared_statistics(combined, top_fraction)
+        masks[regime] = regime_masks["intersection"]
+        trace_summary[regime] = {"checkpoints": [{k: r[k] for k in ("step", "learning_rate")} for r in records],
+                                 "top_fraction": top_fraction, "shared": stats}
+        final_step = records[-1]["step"]
+        params = finals[regime] = experiment.restore_params(workdir, final_step, config, params_like)
+        held_out = trace.cross_task_trace(trace.lm_loss(graphdef, params), params, pairs["qa_test"]["bio"],
+                                          pairs["qa_test"]["qa"], chunk_size=chunk_size)
+        consistency["gradient"][regime] = {
+            "step": final_step,
+            "qa_train": analysis.gradient_consistency(last, {"attribute": pairs["qa_train"]["attribute"]}),
+            "qa_test": analysis.gradient_consistency(held_out, {"attribute": pairs["qa_test"]["attribute"]}),
+            "per_checkpoint": [{"step": r["step"], "mean": r["gradient_consistency"]["mean"]} for r in records]}
+        consistency["representation"][regime] = {
+            split: representations.representation_consistency(graphdef, params, p) for split, p in pairs.items()}
+    log("== interventions")
+    init_params = nnx.split(experiment.init_model(config, len(tokenizer)), nnx.Param)[1]
+    graft_pairs = (("two_stage", "mixed"),) if {"two_stage", "mixed"} <= set(runs) else ()
+    table = intervention_table(finals, masks, evaluator, init_params, seed, graft_pairs)
+    return {"trace": trace_summary, "interventions": table, "consistency": consistency}
+
+
+def held_out_examples(run_dirs: dict[str, str], person_index: int = 0) -> str:
+    """A markdown table: each run's greedy answers to the questions about one held-out person."""
+    answers = {}
+    for name, run_dir in run_dirs.items():
+        _, tokenized, tokenizer, graphdef, params, _ = experiment.load_run(run_dir)
+        split = tokenized["qa_test"]
+        person = sorted(set(split["person_id"]))[person_index]
+        rows = split.filter(lambda r: r["person_id"] == person).to_dict()
+        prompts = [ids[:next(i for i, v in enumerate(values) if v >= 0)]  # up to the answer's first token
+                   for ids, values in zip(rows["input_ids"], rows["value_attribute_ids"])]
+        generated = evaluate.generate(graphdef, params, prompts, max(map(len, rows["input_ids"])),
+                                      tokenizer.pad_token_id).tolist()
+        eos = tokenizer.eos_token_id
+        answers[name] = [tokenizer.decode(g[:g.index(eos)] if eos in g else g, skip_special_tokens=True).strip()
+                         for g in generated]
+    lines = ["| question | answer | " + " | ".join(answers) + " |", "|---" * (2 + len(answers)) + "|"]
+    for i, (prompt, answer) in enumerate(zip(rows["prompt"], rows["answer"])):
+        lines.append(f"| {prompt} | {answer} | " + " | ".join(a[i] for a in answers.values()) + " |")
+    return "Greedy answers about a held-out person:\n\n" + "\n".join(lines)
+
+
+def reproduce(config, workdir: str, log=print) -> dict:
+    """The main job: mixed and two-stage from one init, stage 2 forked at each `config.reproduce` learning rate; then
+    the trace, shared parameters, interventions and consistency of mixed and the fairest two-stage run (study.mechanisms);
+    then summary.json, report.md and figures in `workdir`. Started again, every run resumes."""
+    start = time.perf_counter()
+    experiment.write_config(config, workdir)
+    runs = {}
+
+    def run(name, run_config, **kw):
+        log(f"== {name}")
+        runs[name] = os.path.abspath(os.path.join(workdir, name))
+        return experiment.train(run_config, runs[name], log=log, **kw)
+
+    mixed = run("mixed", experiment.override(config, schedule="mixed"))
+    two_stage = experiment.override(config, schedule="two_stage")
+    stage1 = run("two_stage/stage1", two_stage, until_step=config.two_stage.stage1_steps)
+    sweep = []
+    for lr in config.reproduce.stage2_learning_rates:
+        forked = experiment.override(two_stage, **{"two_stage.stage2_learning_rate": float(lr),
+                                                   "two_stage.fork_from": runs["two_stage/stage1"]})
+        sweep.append({"stage2_lr": float(lr), **run(f"two_stage/stage2_lr{lr:g}", forked)})
+    fairest = report.fairest(sweep)
+    # Without a fair two-stage run, look inside the one with the best held-out accuracy (the report says which).
+    inspected = fairest or max(sweep, key=lambda e: e["qa_test_accuracy"])
+    stage2_dir = runs[f"two_stage/stage2_lr{inspected['stage2_lr']:g}"]
+    tc = config.trace
+    summary = {"mixed": mixed, "two_stage": fairest, "two_stage_sweep": sweep, "two_stage_after_stage1": stage1,
+               **mechanisms({"mixed": runs["mixed"], "two_stage": stage2_dir}, os.path.join(workdir, "trace"),
+                            num_checkpoints=tc.num_checkpoints, num_people=tc.num_people, top_fraction=tc.top_fraction,
+                            chunk_size=tc.chunk_size, seed=config.seed, log=log),
+               "wall_seconds": time.perf_counter() - start}
+    summary["trace"]["two_stage"]["stage2_lr"] = inspected["stage2_lr"]
+    curves = {"mixed": experiment.read_metrics(os.path.join(runs["mixed"], "metrics.jsonl")),
+              "two_stage": [*experiment.read_metrics(os.path.join(runs["two_stage/stage1"], "metrics.jsonl")),
+                            *experiment.read_metrics(os.path.join(stage2_dir, "metrics.jsonl"))]}
+    text = report.write(workdir, summary, curves, bio_value_dropout=config.train.bio_value_dropout,
+                        examples=held_out_examples({"mixed": runs["mixed"], "two-stage": stage2_dir}))
+    log(text.split("\n\n")[1])
+    return summary

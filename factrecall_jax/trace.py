@@ -1,0 +1,313 @@
+"""The cross-task gradient trace: per-example gradients of paired BIO and QA examples, contracted parameter by
+parameter (Zhang et al. 2025), summed over checkpoints TracIn-style.
+
+For pairs i (BIO example i and QA example i state the same fact of the same person), with g = the gradient of one
+example's loss with respect to every parameter:
+  bio_abs = sum_i |g_bio_i|,  qa_abs = sum_i |g_qa_i|,  cross = sum_i g_bio_i * g_qa_i   (trees like the parameters)
+  pair_dot[i] = g_bio_i . g_qa_i,  bio_sq_norm[i] = |g_bio_i|^2,  qa_sq_norm[i] = |g_qa_i|^2      ([n])
+  layer_pair_dot[i, l], layer_bio_sq_norm[i, l], layer_qa_sq_norm[i, l]: the same over layer l of the stacked
+  layers (the subtree `layers` of the parameters, every leaf with a leading layer axis)                   ([n, L])
+"""
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import safetensors
+import safetensors.numpy
+from flax import nnx
+
+STACKED_KEY = "layers"
+
+
+@flax.struct.dataclass
+class TraceResult:
+    """The contraction of one set of pairs at one checkpoint, or a learning-rate-weighted sum over checkpoints."""
+    bio_abs: nnx.State
+    qa_abs: nnx.State
+    cross: nnx.State
+    pair_dot: jax.Array
+    bio_sq_norm: jax.Array
+    qa_sq_norm: jax.Array
+    layer_pair_dot: jax.Array
+    layer_bio_sq_norm: jax.Array
+    layer_qa_sq_norm: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedLoss:
+    """A per-example loss written as head(layer(... layer(embed(params, example)) ...), example) over stacked layers.
+
+    Calling it is the plain per-example loss (the reference path uses it so). The lean path uses the three stages to
+    differentiate one layer at a time: per-example gradients then exist for one layer of a chunk of pairs at once,
+    never for the whole model.
+      embed(params, example) -> (x, layer_args)    the residual stream entering layer 0, and what every layer reads
+      layer(layer_params, x, layer_args) -> x      one layer; layer_params: one index of params[STACKED_KEY]
+      head(params, x, example) -> scalar           the loss given the last layer's output
+    `params` is the whole parameter tree in embed and head; they must not read params[STACKED_KEY].
+    """
+    embed: Callable
+    layer: Callable
+    head: Callable
+
+    def __call__(self, params, example):
+        x, layer_args = self.embed(params, example)
+
+        def body(x, layer_params):
+            return self.layer(layer_params, x, layer_args), None
+
+        return self.head(params, jax.lax.scan(body, x, params[STACKED_KEY])[0], example)
+
+
+def example_loss(logits_TV: jax.Array, example: Mapping[str, jax.Array]) -> jax.Array:
+    """Mean next-token cross-entropy over the example's weighted positions (the fact's tokens), 0 if it has none."""
+    losses_T = optax.softmax_cross_entropy_with_integer_labels(logits_TV, example["targets"])
+    weights_T = example["weights"].astype(losses_T.dtype)
+    return jnp.sum(losses_T * weights_T) / jnp.maximum(jnp.sum(weights_T), 1.0)
+
+
+def lm_loss(graphdef: nnx.GraphDef, params: nnx.State) -> StackedLoss:
+    """The per-example loss of a `models` causal LM (Llama, GPT-NeoX) in stages.
+
+    An example is one row: {"inputs", "targets", "weights"} [T], optionally "attention_mask" [T] (1 for real tokens).
+    One model structure gives one loss object, so every checkpoint and regime reuses one compiled trace.
+    """
+    return _lm_loss(graphdef, nnx.split(nnx.merge(graphdef, params).layers)[0])
+
+
+@functools.lru_cache(maxsize=8)
+def _lm_loss(graphdef: nnx.GraphDef, layer_graphdef: nnx.GraphDef) -> StackedLoss:
+
+    def embed(params, example):
+        mask = example.get("attention_mask")
+        return nnx.merge(graphdef, params).embed(example["inputs"][None], None if mask is None else mask[None])
+
+    def layer(layer_params, x, layer_args):
+        return nnx.merge(layer_graphdef, layer_params)(x, *layer_args)
+
+    def head(params, x, example):
+        return example_loss(nnx.merge(graphdef, params).unembed(x)[0], example)
+
+    return StackedLoss(embed, layer, head)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Contraction of per-example gradients
+# --------------------------------------------------------------------------------------------------------------------
+
+def _is_stacked(path) -> bool:
+    return isinstance(path[0], jax.tree_util.DictKey) and path[0].key == STACKED_KEY
+
+
+def _contract(bio_CX: Sequence[jax.Array], qa_CX: Sequence[jax.Array], valid_C: jax.Array, dtype, per_layer: bool):
+    """Sums over a chunk's valid pairs of |g_bio|, |g_qa|, g_bio * g_qa (one array per leaf), and per pair the dot
+    product and squared norms, summed over the leaves ([C]) or, with per_layer, per index of their second axis
+    ([C, L], for stacked leaves [C, L, ...])."""
+    keep = 2 if per_layer else 1
+
+    def weighted_sum(x_CX):
+        return jnp.tensordot(valid_C.astype(dtype), x_CX.astype(dtype), axes=1)
+
+    def per_pair(a_CX, b_CX):
+        return sum(jnp.sum((a * b).astype(dtype), axis=tuple(range(keep, a.ndim))) for a, b in zip(a_CX, b_CX))
+
+    sums = ([weighted_sum(jnp.abs(g)) for g in bio_CX], [weighted_sum(jnp.abs(g)) for g in qa_CX],
+            [weighted_sum(b * q) for b, q in zip(bio_CX, qa_CX)])
+    return sums, (per_pair(bio_CX, qa_CX), per_pair(bio_CX, bio_CX), per_pair(qa_CX, qa_CX))
+
+
+def _pair_sums(bio_CX, qa_CX, valid_C, dtype, stacked):
+    """_contract over whole-model per-example gradients (lists of leaves), with per-layer dots over `stacked` leaves."""
+    sums, totals = _contract(bio_CX, qa_CX, valid_C, dtype, per_layer=False)
+    pick = lambda leaves: [g for g, s in zip(leaves, stacked) if s]  # noqa: E731
+    if any(stacked):
+        layers = _contract(pick(bio_CX), pick(qa_CX), valid_C, dtype, per_layer=True)[1]
+    else:
+        layers = (jnp.zeros((len(valid_C), 0), dtype),) * 3
+    return sums, (*totals, *layers)
+
+
+def _whole_model_chunk(loss, params, bio_C, qa_C, valid_C, dtype):
+    """A chunk's contraction from whole-model per-example gradients, for a loss with no stages."""
+    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))
+    stacked = [_is_stacked(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return _pair_sums(jax.tree.leaves(grads(params, bio_C)), jax.tree.leaves(grads(params, qa_C)), valid_C, dtype,
+                      stacked)
+
+
+def _staged_chunk(loss: StackedLoss, params, bio_C, qa_C, valid_C, dtype):
+    """A chunk's contraction one layer at a time: per-example gradients exist for one layer of C pairs at once.
+
+    Forward: each example's layer inputs are kept (as a training step keeps activations). Backward: a scan over the
+    layers from the top pulls each example's cotangent through layer l and contracts layer l's per-example gradients
+    at once. The vocabulary-sized embedding and head are contracted one pair at a time, from the cotangent that
+    reaches the embeddings and the last layer's output.
+    """
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    stacked = [_is_stacked(path) for path, _ in path_leaves]
+    outer = [x for (_, x), s in zip(path_leaves, stacked) if not s]
+    layers = params[STACKED_KEY]
+
+    def with_outer(outer_leaves):
+        it, leaves = iter(outer_leaves), jax.tree.leaves(params)
+        return jax.tree.unflatten(treedef, [x if s else next(it) for x, s in zip(leaves, stacked)])
+
+    def forward(example):
+        x, layer_args = loss.embed(params, example)
+
+        def body(x, layer_params):
+            return loss.layer(layer_params, x, layer_args), x
+
+        x_last, layer_inputs = jax.lax.scan(body, x, layers)
+        return layer_inputs, x_last, jax.grad(loss.head, argnums=1)(params, x_last, example), layer_args
+
+    (bio_inputs, bio_last, bio_dx, bio_args), (qa_inputs, qa_last, qa_dx, qa_args) = (
+        jax.vmap(forward)(bio_C), jax.vmap(forward)(qa_C))
+
+    def layer_grads(layer_params, x_C, args_C, dx_C):
+        def one(x, args, dx):
+            return jax.vjp(lambda p, x: loss.layer(p, x, args), layer_params, x)[1](dx)
+        return jax.vmap(one)(x_C, args_C, dx_C)
+
+    def backward(dx, xs):
+        layer_params, bio_x, qa_x = xs
+        (bio_g, bio_dx), (qa_g, qa_dx) = (layer_grads(layer_params, bio_x, bio_args, dx[0]),
+                                          layer_grads(layer_params, qa_x, qa_args, dx[1]))
+        return (bio_dx, qa_dx), _contract(jax.tree.leaves(bio_g), jax.tree.leaves(qa_g), valid_C, dtype, False)
+
+    layer_axis_first = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731  [C, L, ...] -> [L, C, ...]
+    (bio_dx0, qa_dx0), (layer_sums, layer_pairs) = jax.lax.scan(
+        backward, (bio_dx, qa_dx), (layers, layer_axis_first(bio_inputs), layer_axis_first(qa_inputs)), reverse=True)
+
+    def outer_grad(example, x_last, dx0):
+        def direct(outer_leaves):  # the head's own dependence plus the embeddings' share of the layers' gradient
+            p = with_outer(outer_leaves)
+            return loss.head(p, x_last, example) + jnp.vdot(loss.embed(p, example)[0], dx0)
+        return jax.grad(direct)(outer)
+
+    def per_pair(acc, xs):
+        bio_ex, b_last, b_dx0, qa_ex, q_last, q_dx0, valid = xs
+        sums, pairs = _contract([g[None] for g in outer_grad(bio_ex, b_last, b_dx0)],
+                                [g[None] for g in outer_grad(qa_ex, q_last, q_dx0)], valid[None], dtype, False)
+        return jax.tree.map(jnp.add, acc, sums), jax.tree.map(lambda x: x[0], pairs)
+
+    zeros = tuple([jnp.zeros(x.shape, dtype) for x in outer] for _ in range(3))
+    outer_sums, outer_pairs = jax.lax.scan(
+        per_pair, zeros, (bio_C, bio_last, bio_dx0, qa_C, qa_last, qa_dx0, valid_C))
+
+    def merged(outer_leaves, layer_leaves):
+        it_outer, it_layer = iter(outer_leaves), iter(layer_leaves)
+        return [next(it_layer) if s else next(it_outer) for s in stacked]
+
+    sums = tuple(merged(o, l) for o, l in zip(outer_sums, layer_sums))
+    layer_pairs_CL = tuple(x.T for x in layer_pairs)
+    totals = tuple(o + l.sum(axis=1) for o, l in zip(outer_pairs, layer_pairs_CL))
+    return sums, (*totals, *layer_pairs_CL)
+
+
+@functools.partial(jax.jit, static_argnames=("loss", "method", "chunk_size", "dtype"))
+def _trace(loss, params, bio_batch, qa_batch, method, chunk_size, dtype):
+    n = jax.tree.leaves(bio_batch)[0].shape[0]
+    if method == "reference":
+        chunk_size, num_chunks = n, 1
+        chunk_fn = _whole_model_chunk
+    else:
+        num_chunks = -(-n // chunk_size)
+        chunk_fn = _staged_chunk if isinstance(loss, StackedLoss) else _whole_model_chunk
+    index = jnp.arange(num_chunks * chunk_size)
+    valid = (index < n).reshape(num_chunks, chunk_size)
+
+    def chunks(batch):  # pad with repeats of real pairs (masked out by `valid`) to whole chunks
+        return jax.tree.map(lambda x: x[index % n].reshape(num_chunks, chunk_size, *x.shape[1:]), batch)
+
+    def body(acc, xs):
+        sums, pairs = chunk_fn(loss, params, *xs, dtype)
+        return jax.tree.map(jnp.add, acc, sums), pairs
+
+    leaves = jax.tree.leaves(params)
+    zeros = tuple([jnp.zeros(x.shape, dtype) for x in leaves] for _ in range(3))
+    sums, pairs = jax.lax.scan(body, zeros, (chunks(bio_batch), chunks(qa_batch), valid))
+    trees = [jax.tree.unflatten(jax.tree.structure(params), s) for s in sums]
+    pairs = [x.reshape(num_chunks * chunk_size, *x.shape[2:])[:n] for x in pairs]
+    return TraceResult(*trees, *pairs)
+
+
+METHODS = ("lean", "reference")
+
+
+def cross_task_trace(per_example_loss: Callable, params: nnx.State, bio_batch, qa_batch, *, method: str = "lean",
+                     chunk_size: int = 16, dtype=jnp.float32) -> TraceResult:
+    """The cross-task contraction of paired per-example gradients (module docstring), jitted.
+
+    Args:
+      per_example_loss: `(params, example) -> scalar`; a `StackedLoss` (e.g. `lm_loss(graphdef, params)`) lets the
+        lean path go one layer at a time. Pass the same object across calls to reuse the compiled trace.
+      params: the parameter tree; leaves under the key `layers` are stacked layers (leading axis L).
+      bio_batch, qa_batch: pytrees of arrays with a leading pair axis n; pair i is (bio_batch[i], qa_batch[i]).
+      method: "lean" (default): chunks of `chunk_size` pairs, one layer at a time for a StackedLoss, whole-model
+        per-example gradients of one chunk otherwise. "reference": `jax.vmap(jax.grad(per_example_loss))` over all n
+        pairs, then the contraction (memory grows with n x parameters; for tests and small models).
+      chunk_size: pairs per chunk in the lean path; n need not be a multiple.
+      dtype: the dtype of the contraction and its sums (float32 by default).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is invalid: expected one of {', '.join(METHODS)}")
+    if not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size={chunk_size!r} is invalid: expected a positive integer")
+    sizes = {x.shape[0] for x in jax.tree.leaves((bio_batch, qa_batch))}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(f"bio_batch and qa_batch must share one non-zero leading pair axis; got sizes {sorted(sizes)}")
+    return _trace(per_example_loss, params, bio_batch, qa_batch, method, chunk_size, jnp.dtype(dtype))
+
+
+def combine(results: Sequence[TraceResult], weights: Sequence[float]) -> TraceResult:
+    """TracInCP: sum_c weights[c] * results[c], field by field (weights: the learning rate at each checkpoint)."""
+    if len(results) != len(weights) or not results:
+        raise ValueError(f"combine needs one weight per result and at least one result; got {len(results)} results "
+                         f"and {len(weights)} weights")
+    return jax.tree.map(lambda *xs: sum(w * x for w, x in zip(weights, xs)), *results)
+
+
+_TREES = ("bio_abs", "qa_abs", "cross")
+
+
+def save(result: TraceResult, path: str, metadata: Mapping[str, str] | None = None) -> None:
+    """Writes a result as safetensors: "<field>/<parameter path>" for the trees, "<field>" for the pair arrays."""
+    tensors = {}
+    for field in dataclasses.fields(result):
+        value = getattr(result, field.name)
+        if field.name in _TREES:
+            for key_path, x in jax.tree_util.tree_flatten_with_path(value)[0]:
+                tensors[f"{field.name}/{_path_name(key_path)}"] = np.asarray(x)
+        else:
+            tensors[field.name] = np.asarray(value)
+    safetensors.numpy.save_file(tensors, path + ".tmp", metadata=dict(metadata or {}))
+    os.replace(path + ".tmp", path)
+
+
+def load(path: str, params_like) -> tuple[TraceResult, dict[str, str]]:
+    """(result, metadata) of `save`; the trees take the structure (and axis metadata) of `params_like`."""
+    with safetensors.safe_open(path, framework="numpy") as f:
+        metadata = f.metadata() or {}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    paths = [_path_name(key_path) for key_path, _ in jax.tree_util.tree_flatten_with_path(params_like)[0]]
+    treedef = jax.tree.structure(params_like)
+    fields = {}
+    for field in dataclasses.fields(TraceResult):
+        if field.name in _TREES:
+            missing = [p for p in paths if f"{field.name}/{p}" not in tensors]
+            if missing:
+                raise ValueError(f"{path} does not match the model: no {field.name} for {', '.join(missing[:3])}")
+            fields[field.name] = jax.tree.unflatten(treedef, [tensors[f"{field.name}/{p}"] for p in paths])
+        else:
+            fields[field.name] = tensors[field.name]
+    return TraceResult(**fields), metadata
+
+
+def _path_name(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)

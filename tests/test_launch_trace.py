@@ -1,0 +1,138 @@
+"""launch.trace and launch.intervene end to end on one tiny trained run (trained once for the module)."""
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from factrecall_jax import analysis, experiment, study, trace
+from factrecall_jax.data import pairs as pairs_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRACE_ARGS = ("--num_checkpoints=2", "--num_people=4", "--chunk_size=8")
+
+
+def tiny_config():
+    spec = importlib.util.spec_from_file_location("default_config", os.path.join(REPO, "configs", "default.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("tiny")
+
+
+def launch(script, *args):
+    return subprocess.run([sys.executable, "-m", f"launch.{script}", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+
+
+def one_line_error(done, message):
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], lines[-1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny mixed run (checkpoints at steps 8, 16, 24) with its final evaluation, the stdout of launch.trace on it,
+    and the same trace computed here (study.trace_run, while launch.trace runs)."""
+    workdir = str(tmp_path_factory.mktemp("trace") / "mixed")
+    final = experiment.train(tiny_config(), workdir, log=lambda *_: None)
+    process = subprocess.Popen([sys.executable, "-m", "launch.trace", f"--workdir={workdir}", *TRACE_ARGS], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        config, tokenized, tokenizer, _, _ = study._abstract_run(workdir)
+        fact_pairs = pairs_lib.fact_pairs(tokenized, tokenizer.pad_token_id, "qa_train", 4, seed=config.seed)
+        direct = study.trace_run(workdir, fact_pairs, num_checkpoints=2, chunk_size=8, log=lambda *_: None)[:2]
+        stdout, stderr = process.communicate(timeout=600)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    return workdir, final, stdout, direct
+
+
+def test_trace_writes_what_a_direct_trace_computes(run):
+    workdir, _, stdout, (direct, records) = run
+    params_like = study._abstract_run(workdir)[-1]
+    saved, metadata = trace.load(os.path.join(workdir, "trace.safetensors"), params_like)
+    assert jax.tree.structure(saved) == jax.tree.structure(direct)
+    for got, want in zip(jax.tree.leaves(saved), jax.tree.leaves(direct)):
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-7)
+    assert [r["step"] for r in json.loads(metadata["checkpoints"])] == [8, 24]
+
+    with open(os.path.join(workdir, "trace.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    assert [(c["step"], c["learning_rate"]) for c in summary["checkpoints"]] == \
+        [(r["step"], r["learning_rate"]) for r in records]
+    assert summary["num_pairs"] == 24 and summary["num_people"] == 4 and summary["split"] == "qa_train"
+    for got, want in zip(summary["gradient_consistency"], records):
+        assert got["step"] == want["step"]
+        np.testing.assert_allclose(got["mean"], want["gradient_consistency"]["mean"], rtol=1e-5)
+    stats = study.shared_statistics(direct, 0.01)[1]
+    assert set(summary["shared"]) == set(analysis.RULES)
+    for rule in analysis.RULES:
+        assert summary["shared"][rule]["total"]["count"] == stats[rule]["total"]["count"]
+        assert f"\n{rule} " in stdout
+    assert stdout.count("traced step") == 2 and "mean BIO-QA gradient cosine at step 24" in stdout
+
+
+def test_trace_refuses_to_overwrite_and_leaves_the_files(run):
+    workdir = run[0]
+    paths = [os.path.join(workdir, name) for name in ("trace.safetensors", "trace.json")]
+    before = [(os.path.getmtime(p), open(p, "rb").read()) for p in paths]
+    done = launch("trace", f"--workdir={workdir}", *TRACE_ARGS)
+    one_line_error(done, "trace.safetensors already exists")
+    assert [(os.path.getmtime(p), open(p, "rb").read()) for p in paths] == before
+    assert not [name for name in os.listdir(workdir) if "partial" in name or name.endswith(".tmp")]
+
+
+def test_intervene_table(run, tmp_path):
+    workdir, final = run[:2]
+    # A donor of the same data and init: the run as it was at step 16, with the run's trace as its own.
+    donor = str(tmp_path / "donor")
+    shutil.copytree(workdir, donor)
+    shutil.rmtree(os.path.join(donor, "checkpoints", "24"))
+    out = str(tmp_path / "interventions.json")
+    done = launch("intervene", f"--workdir={workdir}", f"--donor={donor}", f"--out={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "intervention" in done.stdout and "held-out" in done.stdout and "graft from donor" in done.stdout
+    with open(out, encoding="utf-8") as f:
+        report = json.load(f)
+    assert (report["run"]["step"], report["donor"]["step"]) == (24, 16)
+    assert report["rule"] == "intersection" and report["top_fraction"] == 0.01
+    rows = report["rows"]
+
+    accuracies = {k: v for k, v in final.items() if k.endswith("_accuracy")}
+    none = [r for r in rows if r["model"] == "run" and r["intervention"] == "none"]
+    assert len(none) == 1 and none[0]["count"] == 0
+    assert {k: v for k, v in none[0].items() if k.endswith("_accuracy")} == accuracies
+
+    params_like = study._abstract_run(workdir)[-1]
+    result, _ = trace.load(os.path.join(workdir, "trace.safetensors"), params_like)
+    expected = int(sum(np.count_nonzero(x) for x in jax.tree.leaves(analysis.shared_parameters(result, 0.01))))
+    assert expected > 0
+    by_key = {(r["model"], r["intervention"], r["mask"]): r for r in rows}
+    assert len(by_key) == len(rows) == 12  # run and donor: none and 4 ablations each; 2 grafts
+    for model in ("run", "donor"):
+        for intervention in ("ablate to zero", "reset to init"):
+            assert by_key[model, intervention, "shared"]["count"] == by_key[model, intervention, "random"]["count"] \
+                == expected
+    assert by_key["run", "graft from donor", "shared"]["count"] == \
+        by_key["run", "graft from donor", "random"]["count"] == expected
+    for row in rows:
+        assert set(accuracies) <= set(row) and all(0 <= row[k] <= 1 for k in accuracies)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--trace={tmp}/none.safetensors",), "python -m launch.trace --workdir="),
+    (("--rule=union",), "--rule='union' is invalid"),
+])
+def test_intervene_errors_in_one_line(run, tmp_path, args, message):
+    done = launch("intervene", f"--workdir={run[0]}", *(a.format(tmp=tmp_path) for a in args),
+                  f"--out={tmp_path}/out.json")
+    one_line_error(done, message)
+    assert not os.path.exists(tmp_path / "out.json")
