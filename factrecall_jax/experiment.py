@@ -217,11 +217,17 @@ def load_config(workdir: str):
 
 def load_run(workdir: str, step: int | None = None):
     """(config, tokenized data, tokenizer, graphdef, params, step) of a trained run; the last checkpoint by default."""
+    config, tokenized, tokenizer, graphdef, params_like = abstract_run(workdir)
+    step = checkpoint_steps(workdir)[-1] if step is None else step
+    return config, tokenized, tokenizer, graphdef, restore_params(workdir, step, config, params_like), step
+
+
+def abstract_run(workdir: str):
+    """(config, tokenized data, tokenizer, graphdef, abstract params) of a work directory: no weights read."""
     config = load_config(workdir)
     tokenized, tokenizer = load_data(config)
-    graphdef, params = nnx.split(abstract_model(config, len(tokenizer)), nnx.Param)
-    step = checkpoint_steps(workdir)[-1] if step is None else step
-    return config, tokenized, tokenizer, graphdef, restore_params(workdir, step, config, params), step
+    graphdef, params_like = nnx.split(abstract_model(config, len(tokenizer)), nnx.Param)
+    return config, tokenized, tokenizer, graphdef, params_like
 
 
 def checkpoint_steps(workdir: str) -> list[int]:

@@ -268,6 +268,14 @@ def mechanism_findings(mech: dict) -> str:
     text += (f"Shared parameters (top {first['top_fraction']:.0%} by both |BIO gradient| and |QA gradient|, TracInCP "
              f"over {len(first['checkpoints'])} checkpoints): "
             + ", ".join(f"{r.replace('_', '-')} {c}" for r, c in counts.items()) + ". ")
+    for regime, summary in trace_summary.items():
+        stats = summary["shared"]["intersection"]
+        if not stats["total"]["count"]:
+            continue
+        groups = sorted(grouped_counts(stats).items(), key=lambda kv: -kv[1]["count"])[:2]
+        text += (f"In {regime.replace('_', '-')} they sit mostly in "
+                 + " and ".join(f"{g} ({v['count'] / stats['total']['count']:.0%})" for g, v in groups)
+                 + "; per layer " + ", ".join(str(layer["count"]) for layer in stats["per_layer"]) + ". ")
     if {"mixed", "two_stage"} <= set(counts):
         more = "more" if counts["mixed"] > counts["two_stage"] else "fewer"
         text += (f"Mixed training has {more} shared parameters than two-stage"
@@ -277,11 +285,20 @@ def mechanism_findings(mech: dict) -> str:
         shared, rand = (_accuracy(rows, regime, "ablate to zero", m) for m in ("shared", "random"))
         text += (f"Zeroing {regime.replace('_', '-')}'s shared parameters moves its held-out accuracy "
                  f"{base:.3f} -> {shared:.3f}, a random set of the same size per tensor -> {rand:.3f}. ")
+    noisy = [(regime, _accuracy(rows, regime, "reset to init", "random")) for regime in trace_summary
+             if _accuracy(rows, regime, "reset to init", "random") < _accuracy(rows, regime, "ablate to zero", "random")
+             - 0.1]
+    if noisy:
+        text += ("Resetting a random set to its initial values already breaks recall ("
+                 + ", ".join(f"{r.replace('_', '-')} {a:.3f}" for r, a in noisy) + "): it writes init-scale weights "
+                 "into a model that weight decay kept small, so zeroing is the cleaner test here. ")
     if any(r["intervention"].startswith("graft") for r in rows):
         base = _accuracy(rows, "two_stage", "none", "-")
         shared, rand = (_accuracy(rows, "two_stage", "graft from mixed", m) for m in ("shared", "random"))
         text += (f"Grafting mixed's shared parameters into the two-stage model moves its held-out accuracy "
-                 f"{base:.3f} -> {shared:.3f} (random graft of the same size: {rand:.3f}). ")
+                 f"{base:.3f} -> {shared:.3f} (random graft of the same size: {rand:.3f}): "
+                 + ("it transfers recall, as the paper reports. " if shared > max(base, rand) else
+                    "unlike the paper, it does not transfer recall here. "))
     grad = consistency["gradient"]
     text += ("Mean cosine of paired BIO/QA gradients on the final models: "
              + ", ".join(f"{r.replace('_', '-')} {g['qa_train']['mean']:.3f}" for r, g in grad.items()) + ".")
@@ -291,19 +308,21 @@ def mechanism_findings(mech: dict) -> str:
 def mechanism_figures(out_dir: str, mech: dict) -> list[str]:
     """Shared parameters per attention head (layers x heads, regimes side by side), consistency per layer, and
     held-out accuracy after each intervention."""
+    os.makedirs(out_dir, exist_ok=True)
     names = []
     trace_summary = mech["trace"]
     regimes = list(trace_summary)
     heads = {r: np.array(trace_summary[r]["shared"]["intersection"]["heads"]) for r in regimes}
     vmax = max(1, *(h.max() for h in heads.values()))
-    fig, axes = plt.subplots(1, len(regimes), figsize=(3.2 * len(regimes) + 1, 3), squeeze=False)
+    fig, axes = plt.subplots(1, len(regimes), figsize=(3.2 * len(regimes) + 1, 3.4), squeeze=False,
+                             layout="constrained")
     for ax, regime in zip(axes[0], regimes):
         image = ax.imshow(heads[regime], cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
         ax.set(title=regime.replace("_", "-"), xlabel="query head", ylabel="layer")
         ax.set_xticks(range(heads[regime].shape[1]))
         ax.set_yticks(range(heads[regime].shape[0]))
     fig.colorbar(image, ax=axes[0].tolist(), label="shared parameters")
-    fig.suptitle("Shared parameters per attention head")
+    fig.suptitle("Shared parameters per attention head (query and output weights)")
     names.append(_save(fig, out_dir, "shared_heads.png", tight=False))
 
     fig, (ax_grad, ax_rep) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -318,10 +337,11 @@ def mechanism_figures(out_dir: str, mech: dict) -> list[str]:
     ax_rep.set(xlabel="layer (0: embeddings)", ylabel="mean cosine", title="Hidden-state consistency (BIO vs QA)")
     for ax in (ax_grad, ax_rep):
         ax.legend(fontsize=7)
+        ax.xaxis.get_major_locator().set_params(integer=True)
     names.append(_save(fig, out_dir, "consistency_per_layer.png"))
 
     rows = [r for r in mech["interventions"] if r["intervention"] != "none"]
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = plt.subplots(figsize=(9, 3.8), layout="constrained")
     labels = [f"{r['model'].replace('_', '-')}: {r['intervention']} ({r['mask']})" for r in rows]
     colors = ["tab:red" if r["mask"] == "shared" else "tab:gray" for r in rows]
     ax.barh(range(len(rows)), [r["qa_test_accuracy"] for r in rows], color=colors)
@@ -331,6 +351,6 @@ def mechanism_figures(out_dir: str, mech: dict) -> list[str]:
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set(xlabel="held-out QA exact match", xlim=(0, 1.02), title="After interventions (red: shared, grey: random)")
-    ax.legend(fontsize=7)
-    names.append(_save(fig, out_dir, "interventions.png"))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    names.append(_save(fig, out_dir, "interventions.png", tight=False))
     return names

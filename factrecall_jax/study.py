@@ -50,7 +50,7 @@ def checkpoint_plan(workdir: str, num_checkpoints: int) -> list[dict]:
 def trace_run(workdir: str, fact_pairs: dict, *, num_checkpoints: int = 5, chunk_size: int = 32, log=print):
     """TracInCP over `checkpoint_plan`: (sum_c lr_c * trace_c, [per checkpoint: step, lr, gradient consistency],
     the last checkpoint's own trace). fact_pairs: from data.pairs.fact_pairs."""
-    config, tokenized, tokenizer, graphdef, params_like = _abstract_run(workdir)
+    config, tokenized, tokenizer, graphdef, params_like = experiment.abstract_run(workdir)
     plan = checkpoint_plan(workdir, num_checkpoints)
     loss, combined, records = None, None, []
     for entry in plan:
@@ -67,14 +67,6 @@ def trace_run(workdir: str, fact_pairs: dict, *, num_checkpoints: int = 5, chunk
             f"{entry['learning_rate']:.2e}, mean cosine {consistency['mean']:.3f}) in "
             f"{time.perf_counter() - start:.1f} s")
     return combined, records, result
-
-
-def _abstract_run(workdir):
-    """(config, tokenized data, tokenizer, graphdef, abstract params) of a work directory: no weights read."""
-    config = experiment.load_config(workdir)
-    tokenized, tokenizer = experiment.load_data(config)
-    graphdef, params_like = nnx.split(experiment.abstract_model(config, len(tokenizer)), nnx.Param)
-    return config, tokenized, tokenizer, graphdef, params_like
 
 
 def shared_statistics(result: trace.TraceResult, top_fraction: float) -> tuple[dict, dict]:
@@ -131,7 +123,7 @@ def mechanisms(runs: dict[str, str], out_dir: str, *, num_checkpoints: int, num_
                chunk_size: int, seed: int, log=print) -> dict:
     """The main job's second half for {regime: final work directory}: trace, shared parameters, interventions and
     consistency. Writes `out_dir/<regime>.safetensors` (the combined traces); returns the summary's sections."""
-    config, tokenized, tokenizer, graphdef, params_like = _abstract_run(next(iter(runs.values())))
+    config, tokenized, tokenizer, graphdef, params_like = experiment.abstract_run(next(iter(runs.values())))
     pairs = {split: pairs_lib.fact_pairs(tokenized, tokenizer.pad_token_id, split, num_people, seed)
              for split in ("qa_train", "qa_test")}
     evaluator = evaluate.Evaluator(schedules.token_tables(tokenized, tokenizer.pad_token_id), graphdef,

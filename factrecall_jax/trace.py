@@ -291,11 +291,18 @@ def save(result: TraceResult, path: str, metadata: Mapping[str, str] | None = No
 
 
 def load(path: str, params_like) -> tuple[TraceResult, dict[str, str]]:
-    """(result, metadata) of `save`; the trees take the structure (and axis metadata) of `params_like`."""
-    with safetensors.safe_open(path, framework="numpy") as f:
-        metadata = f.metadata() or {}
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    paths = [_path_name(key_path) for key_path, _ in jax.tree_util.tree_flatten_with_path(params_like)[0]]
+    """(result, metadata) of `save`; the trees take the structure (and axis metadata) of `params_like`.
+
+    A file that is not a trace, or a trace of another model, raises one ValueError that says which.
+    """
+    try:
+        with safetensors.safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except safetensors.SafetensorError as e:
+        raise ValueError(f"{path} is not a trace written by trace.save: {e}") from e
+    leaves = jax.tree_util.tree_flatten_with_path(params_like)[0]
+    paths = [_path_name(key_path) for key_path, _ in leaves]
     treedef = jax.tree.structure(params_like)
     fields = {}
     for field in dataclasses.fields(TraceResult):
@@ -303,6 +310,10 @@ def load(path: str, params_like) -> tuple[TraceResult, dict[str, str]]:
             missing = [p for p in paths if f"{field.name}/{p}" not in tensors]
             if missing:
                 raise ValueError(f"{path} does not match the model: no {field.name} for {', '.join(missing[:3])}")
+            for p, (_, x) in zip(paths, leaves):
+                if tensors[f"{field.name}/{p}"].shape != tuple(x.shape):
+                    raise ValueError(f"{path} does not match the model: {field.name} of {p} has shape "
+                                     f"{tensors[f'{field.name}/{p}'].shape}; the parameter has {tuple(x.shape)}")
             fields[field.name] = jax.tree.unflatten(treedef, [tensors[f"{field.name}/{p}"] for p in paths])
         else:
             fields[field.name] = tensors[field.name]
@@ -310,4 +321,5 @@ def load(path: str, params_like) -> tuple[TraceResult, dict[str, str]]:
 
 
 def _path_name(path) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    """"layers.mlp.down_proj.kernel": dict keys and list indices (an nnx.Variable's own `.value` step left out)."""
+    return ".".join(str(k.key if hasattr(k, "key") else k.idx) for k in path if hasattr(k, "key") or hasattr(k, "idx"))

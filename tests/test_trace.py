@@ -1,4 +1,6 @@
 """The gradient trace: the lean path and the reference path against a Python loop of jax.grad, one pair at a time."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,6 +120,12 @@ def test_combine_is_the_weighted_sum_and_save_load_round_trips(tmp_path):
         np.testing.assert_array_equal(x, y)
     with pytest.raises(ValueError, match="one weight per result"):
         trace.combine([r1], [1.0, 2.0])
+    other = nnx.split(models.from_config(dataclasses.replace(MODELS["llama_gqa"], hidden_size=32)), nnx.Param)[1]
+    with pytest.raises(ValueError, match="does not match the model: bio_abs of embed_tokens.embedding has shape"):
+        trace.load(str(tmp_path / "trace.safetensors"), other)
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a trace")
+    with pytest.raises(ValueError, match="is not a trace"):
+        trace.load(str(tmp_path / "garbage.safetensors"), params)
 
 
 def test_bad_arguments_are_named():
