@@ -88,7 +88,7 @@ def save_trace(result: trace.TraceResult, records: list[dict], path: str) -> Non
     trace.save(result, path, {"checkpoints": json.dumps(records)})
 
 
-def intervention_table(models: dict[str, tuple], masks: dict[str, nnx.State], evaluator: evaluate.Evaluator,
+def intervention_table(models: dict[str, nnx.State], masks: dict[str, nnx.State], evaluator: evaluate.Evaluator,
                        init_params: nnx.State, seed: int = 0, graft_pairs=(("two_stage", "mixed"),)) -> list[dict]:
     """Accuracy after each intervention, against a random control with the same count in every tensor.
 
