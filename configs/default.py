@@ -76,6 +76,12 @@ def get_config(preset=None):
     # A two-stage work directory whose stage-boundary checkpoint this run's stage 2 starts from ("": run stage 1).
     config.two_stage.fork_from = ""
 
+    # The device mesh (sharding.make_mesh): sizes of the data, fsdp and tensor axes, -1 for the rest of the devices.
+    # Batches split over data x fsdp; parameters and optimizer state by their logical axis names (sharding.RULES).
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Call jax.distributed.initialize() first: a multi-host job (a TPU slice, several GPU hosts).
+    config.distributed = False
+
     config.train = ml_collections.ConfigDict()
     # Each attribute-value token of a BIO input becomes the pad token with this probability (targets unchanged):
     # without it a tiny model keys later facts on earlier values instead of the name (see configs/plain.py).

@@ -31,9 +31,11 @@ def value_hits(graphdef: nnx.GraphDef, params: nnx.State, batch: Mapping[str, ja
 
 class Evaluator:
     """Scores every split of a tokenized dataset; the splits live on the device, padded to fixed batches, so each
-    evaluation during training is a few jitted calls that never recompile."""
+    evaluation during training is a few jitted calls that never recompile. `sharding` places the batches (e.g.
+    sharding.batch_sharding(mesh), rows split like training's); None puts them on the default device."""
 
-    def __init__(self, tables: Mapping[str, TokenTable], graphdef: nnx.GraphDef, batch_size: int = 512):
+    def __init__(self, tables: Mapping[str, TokenTable], graphdef: nnx.GraphDef, batch_size: int = 512,
+                 sharding: jax.sharding.Sharding | None = None):
         self._hits = jax.jit(lambda params, batch: value_hits(graphdef, params, batch))
         self._batches, self._rows = {}, {}
         for split, table in tables.items():
@@ -46,7 +48,7 @@ class Evaluator:
             batch = table.batch(rows, length)
             self._batches[split] = [
                 jax.device_put({"inputs": batch["inputs"][i:i + batch_size], "targets": batch["targets"][i:i + batch_size],
-                                "values": values[i:i + batch_size]})
+                                "values": values[i:i + batch_size]}, sharding)
                 for i in range(0, len(rows), batch_size)]
 
     def recall(self, params: nnx.State, split: str) -> tuple[np.ndarray, np.ndarray]:

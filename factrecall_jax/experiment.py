@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from factrecall_jax import data, evaluate, models, train as train_lib
+from factrecall_jax import data, evaluate, models, sharding, train as train_lib
 from factrecall_jax.checkpoint import Checkpoints
 from factrecall_jax.data import schedules
 
@@ -145,11 +145,14 @@ def train(config, workdir: str, *, until_step: int | None = None, log=print) -> 
     starts = schedules.phase_starts(phases)
     stop = starts[-1] if until_step is None else min(until_step, starts[-1])
     graphdef, params = nnx.split(init_model(config, len(tokenizer)), nnx.Param)
-    evaluator = evaluate.Evaluator(tables, graphdef, config.train.eval_batch_size)
+    mesh = make_mesh(config)
+    evaluator = evaluate.Evaluator(tables, graphdef, config.train.eval_batch_size, sharding.batch_sharding(mesh))
     tc = config.train
 
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints or None)
     state = train_lib.init_state(params, phase_optimizer(phases, 0)[0])
+    state_shardings = sharding.state_shardings(state, mesh)
+    state = sharding.shard(state, state_shardings)
     if saved := checkpoints.steps():
         # every phase's optimizer state has one structure, so any phase's serves as the template
         state = checkpoints.restore(saved[-1], state)
@@ -170,15 +173,16 @@ def train(config, workdir: str, *, until_step: int | None = None, log=print) -> 
             continue
         tx, lr_fn = phase_optimizer(phases, index)
         if index > 0 and phase.fresh_optimizer and step == starts[index]:
-            state = train_lib.init_state(state.params, tx, step)
-        steps_fn = train_lib.jit_steps(train_lib.make_train_step(
-            graphdef, tx, lr_fn, task_weights=dict(tc.task_weights), grad_accum_steps=tc.grad_accum_steps))
+            state = sharding.shard(train_lib.init_state(state.params, tx, step), state_shardings)
+        steps_fn = sharding.jit_train_steps(train_lib.make_train_step(
+            graphdef, tx, lr_fn, task_weights=dict(tc.task_weights), grad_accum_steps=tc.grad_accum_steps),
+            state_shardings, sharding.batch_sharding(mesh, stacked=True))
         phase_stop = min(starts[index + 1], stop)
         for end in _chunk_ends(step, phase_stop, [tc.steps_per_call, tc.eval_every, tc.checkpoint_every]):
             batches = schedules.phase_batches(phases, index, step - starts[index], end - starts[index], tables,
                                               config.seed, tc.bio_value_dropout)
             window_tokens += sum(int(np.count_nonzero(b["targets"] != tokenizer.pad_token_id)) for b in batches.values())
-            state, metrics = steps_fn(state, batches)
+            state, metrics = steps_fn(state, _feed(batches, mesh))
             metrics = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
             if not np.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"loss is {metrics['loss']} at step {end}; lower the learning rate")
@@ -204,6 +208,21 @@ def train(config, workdir: str, *, until_step: int | None = None, log=print) -> 
     final = record["eval"] if step > run_steps_start and "eval" in record else evaluator(state.params)
     logging.info("final evaluation of %s: %s", workdir, final)
     return final
+
+
+def make_mesh(config) -> jax.sharding.Mesh:
+    """The device mesh of `config.mesh` (sizes of the data, fsdp and tensor axes; -1: the rest of the devices)."""
+    return sharding.make_mesh(dict(config.mesh))
+
+
+def _feed(batches, mesh):
+    """Fused batches {task: {name: [K, B, T]}} as global arrays split over the mesh. Every host computes the same
+    row indices (a pure function of seed and step) and contributes only its own rows of each batch."""
+    def one(x):
+        local = x[:, sharding.host_batch_slice(x.shape[1])]
+        return sharding.global_batch_from_host(local, sharding.batch_sharding(mesh, stacked=True))
+
+    return jax.tree.map(one, batches)
 
 
 def load_config(workdir: str):
@@ -241,11 +260,14 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 
 def restore_params(workdir: str, step: int, config, params_like: nnx.State) -> nnx.State:
-    """The parameters saved at `step` in `workdir` (params_like: their structure, e.g. abstract)."""
+    """The parameters saved at `step` in `workdir` (params_like: their structure, e.g. abstract), laid out on the
+    mesh of `config`."""
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
     if step not in checkpoints.steps():
         raise FileNotFoundError(f"{workdir} has no checkpoint at step {step}; it has {checkpoints.steps()}")
     like = jax.eval_shape(lambda p: train_lib.init_state(p, phase_optimizer(schedule(config), 0)[0]), params_like)
+    like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like,
+                        sharding.state_shardings(like, make_mesh(config)))
     params = checkpoints.restore(step, like).params
     checkpoints.close()
     return params

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from factrecall_jax import analysis, evaluate, experiment, interventions, report, representations, trace
+from factrecall_jax import analysis, evaluate, experiment, interventions, report, representations, sharding, trace
 from factrecall_jax.data import pairs as pairs_lib, schedules
 
 
@@ -126,8 +126,9 @@ def mechanisms(runs: dict[str, str], out_dir: str, *, num_checkpoints: int, num_
     config, tokenized, tokenizer, graphdef, params_like = experiment.abstract_run(next(iter(runs.values())))
     pairs = {split: pairs_lib.fact_pairs(tokenized, tokenizer.pad_token_id, split, num_people, seed)
              for split in ("qa_train", "qa_test")}
+    mesh = experiment.make_mesh(config)
     evaluator = evaluate.Evaluator(schedules.token_tables(tokenized, tokenizer.pad_token_id), graphdef,
-                                   config.train.eval_batch_size)
+                                   config.train.eval_batch_size, sharding.batch_sharding(mesh))
     os.makedirs(out_dir, exist_ok=True)
     trace_summary, consistency, masks, finals = {}, {"gradient": {}, "representation": {}}, {}, {}
     for regime, workdir in runs.items():
@@ -152,6 +153,7 @@ def mechanisms(runs: dict[str, str], out_dir: str, *, num_checkpoints: int, num_
             split: representations.representation_consistency(graphdef, params, p) for split, p in pairs.items()}
     log("== interventions")
     init_params = nnx.split(experiment.init_model(config, len(tokenizer)), nnx.Param)[1]
+    init_params = sharding.shard(init_params, sharding.param_shardings(init_params, mesh))
     graft_pairs = (("two_stage", "mixed"),) if {"two_stage", "mixed"} <= set(runs) else ()
     table = intervention_table(finals, masks, evaluator, init_params, seed, graft_pairs)
     return {"trace": trace_summary, "interventions": table, "consistency": consistency}

@@ -1,36 +1,72 @@
-"""Memory and time of the gradient trace's lean path, its reference path and one training step, side by side.
+"""Time and peak memory of the gradient trace (lean, reference, torch.func) against one training step, per model size.
 
-    python -m launch.benchmark_trace [--hidden_size=512 --num_layers=6 --vocab_size=12288] [--pairs=64 --seq_len=64]
-        [--chunk_size=16] [--repeats=3] [--skip_reference] [--json_out=bench.json]
+    python -m launch.benchmark_trace [--config=configs/default.py] [--sizes=default,30m,100m] [--pairs=64]
+        [--seq_len=64] [--chunk_size=16] [--repeats=5] [--skip_reference] [--memory_limit_gb=G]
+        [--sweep_chunks=8,16,32,64] [--json_out=bench.json]
 
-One random Llama-architecture model (about 30M parameters by default), `pairs` BIO and `pairs` QA rows of `seq_len`
-random tokens, every target weighted. Each variant is compiled once; peak memory is XLA's own account of the compiled
-program (arguments + outputs + temporaries - donated/aliased buffers), and time is the median of `repeats` runs:
-  lean: trace.cross_task_trace (per layer, chunks of `chunk_size` pairs);
-  reference: jax.vmap(jax.grad) over all pairs, then the contraction (holds 2 x pairs x parameters floats);
-  train step: train.make_train_step (AdamW) on the same 2 x pairs rows as one batch.
+Per size, one random Llama-architecture model and one set of `pairs` BIO and `pairs` QA rows of `seq_len` random
+tokens (every target weighted), shared by every variant:
+  train step: train.make_train_step (AdamW) on the same 2 x pairs rows as one batch;
+  lean: trace.cross_task_trace (chunks of `chunk_size` pairs, one layer at a time);
+  reference: trace.cross_task_trace(method="reference"): jax.vmap(jax.grad) over all pairs, then the contraction;
+  torch.func (when torch and transformers are installed): the transformers model with the same weights
+    (models.save_pretrained -> AutoModelForCausalLM), torch.func.vmap(torch.func.grad(loss)) over chunks of
+    `chunk_size` pairs with the loss of trace.example_loss, then the same contraction. Its pair_dot is checked against
+    the lean trace's (rtol 1e-3).
+Sizes: "default" is the config's model with a 2048-token vocabulary (the word tokenizer's is about 2k); "30m" is 6
+layers, width 512, vocabulary 12,288; "100m" is 12 layers, width 768, vocabulary 16,384.
+
+Time is the median of `repeats` runs after one compile/warm-up run. JAX peak memory is XLA's account of the compiled
+program (arguments + outputs + temporaries - aliased buffers): exact, and known before running. The reference path
+is compiled but not run when that peak exceeds --memory_limit_gb (default 80% of physical memory). torch has no
+allocator statistics on CPU: torch_peak_mb is the growth of the process's resident memory over the run (sampled every
+5 ms), and torch_grads_mb the analytic size of one chunk's materialized per-example gradients (2 x chunk x params
+floats). --sweep_chunks times the lean trace at other chunk sizes on the 30m model (one run each after the compile).
 """
 import json
+import os
 import statistics
+import tempfile
+import threading
 import time
 
 import jax
 import numpy as np
 from absl import flags
 from flax import nnx
+from ml_collections import config_flags
 
 from factrecall_jax import cli, models, trace, train
 
-_HIDDEN = flags.DEFINE_integer("hidden_size", 512, "Model width.")
-_LAYERS = flags.DEFINE_integer("num_layers", 6, "Decoder layers.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 12288, "Vocabulary size.")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config whose model is the size 'default'.")
+_SIZES = flags.DEFINE_list("sizes", ["default", "30m", "100m"], "Model sizes: default, 30m, 100m.")
 _PAIRS = flags.DEFINE_integer("pairs", 64, "BIO/QA pairs (the train step sees 2 x pairs rows).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "Tokens per row.")
-_CHUNK = flags.DEFINE_integer("chunk_size", 16, "Pairs per chunk in the lean path.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per variant (after the compile run).")
-_SKIP_REFERENCE = flags.DEFINE_bool("skip_reference", False, "Compile the reference path but do not run it (its "
-                                    "per-example gradients may not fit in memory).")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the figures here as JSON.")
+_CHUNK = flags.DEFINE_integer("chunk_size", 16, "Pairs per chunk in the lean and torch.func paths.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per variant (after the compile/warm-up run).")
+_SKIP_REFERENCE = flags.DEFINE_bool("skip_reference", False, "Compile the reference path but never run it.")
+_MEMORY_LIMIT = flags.DEFINE_float("memory_limit_gb", None, "Run the reference only if its compiled peak is below "
+                                   "this (default: 80% of physical memory).")
+_SWEEP = flags.DEFINE_list("sweep_chunks", [], "Chunk sizes at which to also time the lean trace on the 30m model.")
+_NO_TORCH = flags.DEFINE_bool("skip_torch", False, "Leave out the torch.func variant.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the figures here as JSON, keyed by size.")
+
+# name -> LlamaConfig fields (besides the config's own for "default").
+SIZES = {"30m": dict(num_hidden_layers=6, hidden_size=512, vocab_size=12288),
+         "100m": dict(num_hidden_layers=12, hidden_size=768, vocab_size=16384)}
+MB = 2**20
+
+
+def _model_config(size: str):
+    base = {**_CONFIG.value.model.to_dict(), "vocab_size": 2048}
+    if size != "default":
+        if size not in SIZES:
+            raise ValueError(f"--sizes: unknown size {size!r}; expected default, {', '.join(SIZES)}")
+        width = SIZES[size]["hidden_size"]
+        base.update(SIZES[size], intermediate_size=int(width * 8 / 3) // 8 * 8, num_attention_heads=width // 64,
+                    num_key_value_heads=width // 64, initializer_range=0.02)
+    base["max_position_embeddings"] = max(base["max_position_embeddings"], _SEQ_LEN.value)
+    return base
 
 
 def _peak_bytes(compiled) -> int:
@@ -38,65 +74,206 @@ def _peak_bytes(compiled) -> int:
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
-def _measure(fn, args, run: bool = True) -> dict:
-    """{"peak_bytes", "compile_s", "seconds"} of jax.jit(fn) on args (seconds None when not run)."""
+def _time(fn, repeats):
+    """(median seconds of `repeats` calls after one warm-up call, the last output)."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def _measure_jax(fn, args, run=True, repeats=None):
+    """{"peak_bytes", "compile_s", "seconds", "output"} of jax.jit(fn) on args (seconds None when not run)."""
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
-    figures = {"peak_bytes": _peak_bytes(compiled), "compile_s": time.perf_counter() - start, "seconds": None}
+    r = {"peak_bytes": _peak_bytes(compiled), "compile_s": time.perf_counter() - start, "seconds": None,
+         "output": None}
     if run:
-        jax.block_until_ready(compiled(*args))
-        times = []
-        for _ in range(_REPEATS.value):
-            start = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            times.append(time.perf_counter() - start)
-        figures["seconds"] = statistics.median(times)
-    return figures
+        r["seconds"], r["output"] = _time(lambda: jax.block_until_ready(compiled(*args)), repeats or _REPEATS.value)
+    return r
 
 
-def main(_):
-    for flag in (_HIDDEN, _LAYERS, _VOCAB, _PAIRS, _SEQ_LEN, _CHUNK, _REPEATS):
-        if flag.value < 1:
-            raise ValueError(f"--{flag.name}={flag.value} is invalid: expected a positive integer")
-    config = models.LlamaConfig(vocab_size=_VOCAB.value, hidden_size=_HIDDEN.value,
-                                intermediate_size=int(_HIDDEN.value * 8 / 3) // 8 * 8,
-                                num_hidden_layers=_LAYERS.value, num_attention_heads=max(1, _HIDDEN.value // 64),
-                                max_position_embeddings=max(256, _SEQ_LEN.value))
-    graphdef, params = nnx.split(models.from_config(config), nnx.Param)
+class _RssPeak:
+    """Peak growth of this process's resident memory while inside the block (sampled every 5 ms)."""
+
+    def __enter__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.base = self.peak = self._rss()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _rss(self):
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _sample(self):
+        while not self.done.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.growth = self.peak - self.base
+
+
+def _torch_func(model, bio, qa):
+    """{"seconds", "peak_bytes", "grads_bytes", "pair_dot"} of the torch.func trace, or None without torch."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count())
+    with tempfile.TemporaryDirectory() as folder:
+        models.save_pretrained(model, folder)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation="eager").eval()  # sdpa has no vmap batching rule on CPU
+    params = {k: v.detach() for k, v in hf.named_parameters()}
+    names = list(params)
+    layer_of = [int(k.split(".")[2]) if k.startswith("model.layers.") else -1 for k in names]
+    num_layers = hf.config.num_hidden_layers
+
+    def loss(p, inputs, targets, weights):  # trace.example_loss: mean CE over the weighted targets
+        logits = torch.func.functional_call(hf, p, (), {"input_ids": inputs[None], "use_cache": False}).logits[0]
+        ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        return (ce * weights).sum() / weights.sum().clamp(min=1.0)
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0, 0))
+    as_torch = lambda rows: [torch.from_numpy(np.asarray(rows[k])).long() if k != "weights"  # noqa: E731
+                             else torch.from_numpy(np.asarray(rows[k])) for k in ("inputs", "targets", "weights")]
+    bio_t, qa_t = as_torch(bio), as_torch(qa)
+    n, chunk = len(bio_t[0]), _CHUNK.value
+
+    @torch.no_grad()
+    def contract(gb, gq, sums, pair_dot, bio_sq, qa_sq, layer):
+        for i, k in enumerate(names):
+            b, q = gb[k], gq[k]
+            sums[0][k] += b.abs().sum(0)
+            sums[1][k] += q.abs().sum(0)
+            sums[2][k] += (b * q).sum(0)
+            dots = [(x * y).flatten(1).sum(1) for x, y in ((b, q), (b, b), (q, q))]
+            for total, d in zip((pair_dot, bio_sq, qa_sq), dots):
+                total += d
+            if layer_of[i] >= 0:
+                for total, d in zip(layer, dots):
+                    total[:, layer_of[i]] += d
+
+    def run():
+        sums = [{k: torch.zeros_like(v) for k, v in params.items()} for _ in range(3)]
+        pair_dot, bio_sq, qa_sq = (torch.zeros(n) for _ in range(3))
+        layer = [torch.zeros(n, num_layers) for _ in range(3)]
+        for s in range(0, n, chunk):
+            gb = grads(params, *(x[s:s + chunk] for x in bio_t))
+            gq = grads(params, *(x[s:s + chunk] for x in qa_t))
+            contract(gb, gq, sums, pair_dot[s:s + chunk], bio_sq[s:s + chunk], qa_sq[s:s + chunk],
+                     [x[s:s + chunk] for x in layer])
+            del gb, gq
+        return pair_dot
+
+    with _RssPeak() as rss:
+        seconds, pair_dot = _time(run, _REPEATS.value)
+    num_params = sum(v.numel() for v in params.values())
+    return {"seconds": seconds, "peak_bytes": rss.growth, "grads_bytes": 2 * min(chunk, n) * num_params * 4,
+            "pair_dot": pair_dot.numpy()}
+
+
+def _rows(rng, vocab):
+    ids = rng.integers(0, vocab, (_PAIRS.value, _SEQ_LEN.value + 1)).astype(np.int32)
+    return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "weights": np.ones((_PAIRS.value, _SEQ_LEN.value),
+                                                                               np.float32)}
+
+
+def _bench(size: str, memory_limit: float) -> dict:
+    model = models.from_config(_model_config(size))
+    config = model.config
+    graphdef, params = nnx.split(model, nnx.Param)
     num_params = sum(x.size for x in jax.tree.leaves(params))
     rng = np.random.default_rng(0)
-
-    def rows():
-        ids = rng.integers(0, config.vocab_size, (_PAIRS.value, _SEQ_LEN.value + 1)).astype(np.int32)
-        return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "weights": np.ones((_PAIRS.value, _SEQ_LEN.value),
-                                                                                  np.float32)}
-
-    bio, qa = rows(), rows()
-    print(f"model: {num_params / 1e6:.1f}M parameters ({config.num_hidden_layers} layers, width {config.hidden_size},"
-          f" vocab {config.vocab_size}); {_PAIRS.value} pairs of {_SEQ_LEN.value} tokens; devices: {jax.devices()}")
+    bio, qa = _rows(rng, config.vocab_size), _rows(rng, config.vocab_size)
+    print(f"\n== {size}: {num_params / 1e6:.2f}M parameters ({num_params:,}; {config.num_hidden_layers} layers, width "
+          f"{config.hidden_size}, SwiGLU {config.intermediate_size}, {config.num_attention_heads} heads, vocab "
+          f"{config.vocab_size}); {_PAIRS.value} pairs of {_SEQ_LEN.value} tokens", flush=True)
     loss = trace.lm_loss(graphdef, params)
     tx = train.make_optimizer(train.OptimizerConfig(), steps=1000)
     step = train.make_train_step(graphdef, tx, lambda s: 0.0)
-    results = {
-        "lean": _measure(lambda p, b, q: trace.cross_task_trace(loss, p, b, q, chunk_size=_CHUNK.value),
-                         (params, bio, qa)),
-        "reference": _measure(lambda p, b, q: trace.cross_task_trace(loss, p, b, q, method="reference"),
-                              (params, bio, qa), run=not _SKIP_REFERENCE.value),
-        "train_step": _measure(step, (train.init_state(params, tx), {"bio": bio, "qa": qa})),
-    }
-    print(f"{'variant':<12} {'peak memory':>12} {'x params':>9} {'time':>9} {'compile':>8}")
+    results = {"train step": _measure_jax(step, (train.init_state(params, tx), {"bio": bio, "qa": qa}))}
+    print(f"  train step {results['train step']['seconds']:.3f} s", flush=True)
+    results["lean"] = _measure_jax(
+        lambda p, b, q: trace.cross_task_trace(loss, p, b, q, chunk_size=_CHUNK.value), (params, bio, qa))
+    print(f"  lean {results['lean']['seconds']:.3f} s", flush=True)
+    ref_fn = lambda p, b, q: trace.cross_task_trace(loss, p, b, q, method="reference")  # noqa: E731
+    ref_peak = _peak_bytes(jax.jit(ref_fn).lower(params, bio, qa).compile())
+    run_ref = not _SKIP_REFERENCE.value and ref_peak <= memory_limit
+    results["reference"] = _measure_jax(ref_fn, (params, bio, qa), run=run_ref)
+    ref_s = results["reference"]["seconds"]
+    print(f"  reference {'not run' if ref_s is None else f'{ref_s:.3f} s'} (peak {ref_peak / 2**30:.2f} GiB)",
+          flush=True)
+    torch_r = None if _NO_TORCH.value else _torch_func(model, bio, qa)
+    if torch_r is not None:
+        ours = np.asarray(results["lean"]["output"].pair_dot)
+        rel = float(np.max(np.abs(torch_r["pair_dot"] - ours) / np.maximum(np.abs(ours), 1e-12)))
+        ok = np.allclose(torch_r["pair_dot"], ours, rtol=1e-3, atol=0)
+        torch_r["parity_max_rel"] = rel
+        print(f"  torch.func {torch_r['seconds']:.3f} s; pair_dot vs lean: max relative difference {rel:.2e} "
+              f"({'ok' if ok else 'MISMATCH'} at rtol 1e-3)", flush=True)
+        results["torch.func"] = torch_r
+    sweep = {}
+    if size == "30m":
+        for c in sorted({int(c) for c in _SWEEP.value}):
+            r = _measure_jax(lambda p, b, q, c=c: trace.cross_task_trace(loss, p, b, q, chunk_size=c),
+                             (params, bio, qa), repeats=1)
+            sweep[c] = {"seconds": r["seconds"], "peak_mb": r["peak_bytes"] / MB}
+            print(f"  lean, chunks of {c}: {r['seconds']:.3f} s, peak {r['peak_bytes'] / MB:.0f} MB", flush=True)
+
+    _table(size, results, num_params)
+    sec = lambda name: results[name]["seconds"] if name in results else None  # noqa: E731
+    peak = lambda name: results[name]["peak_bytes"] / MB if name in results else None  # noqa: E731
+    return {"params": num_params, "train_step_s": sec("train step"), "lean_trace_s": sec("lean"),
+            "reference_trace_s": sec("reference"), "torch_func_s": sec("torch.func"),
+            "train_step_peak_mb": peak("train step"), "lean_peak_mb": peak("lean"),
+            "reference_peak_mb": peak("reference"), "torch_peak_mb": peak("torch.func"),
+            "torch_grads_mb": torch_r["grads_bytes"] / MB if torch_r else None,
+            "torch_parity_max_rel": torch_r["parity_max_rel"] if torch_r else None,
+            "lean_chunk_sweep": sweep or None}
+
+
+def _table(size, results, num_params):
+    pairs = _PAIRS.value
+    print(f"\n{size} ({num_params / 1e6:.1f}M parameters, {pairs} pairs x {_SEQ_LEN.value} tokens)")
+    print(f"  {'variant':<11} {'time':>10} {'peak memory':>12} {'pairs/s':>9}")
     for name, r in results.items():
-        seconds = "not run" if r["seconds"] is None else f"{r['seconds']:.2f} s"
-        print(f"{name:<12} {r['peak_bytes'] / 2**30:>9.2f} GiB {r['peak_bytes'] / (4 * num_params):>9.1f} "
-              f"{seconds:>9} {r['compile_s']:>6.1f} s")
-    lean, ref, step_r = results["lean"], results["reference"], results["train_step"]
-    print(f"lean / reference: memory {lean['peak_bytes'] / ref['peak_bytes']:.3f}x"
-          + (f", time {lean['seconds'] / ref['seconds']:.2f}x" if ref["seconds"] else ""))
-    print(f"lean / train step: memory {lean['peak_bytes'] / step_r['peak_bytes']:.2f}x, "
-          f"time {lean['seconds'] / step_r['seconds']:.2f}x")
-    if _JSON_OUT.value:
-        with open(_JSON_OUT.value, "w", encoding="utf-8") as f:
-            json.dump({"num_params": num_params, **results}, f, indent=2)
+        t = "not run" if r["seconds"] is None else f"{r['seconds']:.3f} s"
+        rate = "" if r["seconds"] is None else f"{pairs / r['seconds']:.1f}"
+        note = " (RSS growth)" if name == "torch.func" else ""
+        print(f"  {name:<11} {t:>10} {r['peak_bytes'] / MB:>9.0f} MB {rate:>9}{note}")
+
+    def ratio(a, b, key):
+        x, y = results.get(a, {}).get(key), results.get(b, {}).get(key)
+        return f"{x / y:.2f}x" if x and y else "n/a"
+
+    for a, b in (("lean", "train step"), ("reference", "lean"), ("torch.func", "lean")):
+        print(f"  {a} / {b}: time {ratio(a, b, 'seconds')}, peak {ratio(a, b, 'peak_bytes')}")
+
+
+def main(_):
+    for flag in (_PAIRS, _SEQ_LEN, _CHUNK, _REPEATS):
+        if flag.value < 1:
+            raise ValueError(f"--{flag.name}={flag.value} is invalid: expected a positive integer")
+    memory_limit = (_MEMORY_LIMIT.value * 2**30 if _MEMORY_LIMIT.value is not None
+                    else 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    print(f"devices: {jax.devices()}; {os.cpu_count()} CPU cores; reference runs if its peak <= "
+          f"{memory_limit / 2**30:.1f} GiB")
+    figures = {}
+    for size in _SIZES.value:
+        figures[size] = _bench(size, memory_limit)
+        if _JSON_OUT.value:  # after every size, so a long run keeps what it measured
+            with open(_JSON_OUT.value, "w", encoding="utf-8") as f:
+                json.dump(figures, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import os
 
 from absl import flags
 
-from factrecall_jax import cli, experiment
+from factrecall_jax import cli, experiment, sharding
 from factrecall_jax.data import ATTRIBUTES, schedules
 from factrecall_jax.evaluate import Evaluator
 
@@ -20,7 +20,8 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default
 def main(_):
     config, tokenized, tokenizer, graphdef, params, step = experiment.load_run(_WORKDIR.value, _STEP.value)
     tables = schedules.token_tables(tokenized, tokenizer.pad_token_id)
-    result = Evaluator(tables, graphdef, config.train.eval_batch_size)(params)
+    batches = sharding.batch_sharding(experiment.make_mesh(config))
+    result = Evaluator(tables, graphdef, config.train.eval_batch_size, batches)(params)
     print(f"step {step}")
     print(f"{'split':<20} {'all':>6} " + " ".join(f"{a[:12]:>12}" for a in ATTRIBUTES))
     for split, per_attribute in result["per_attribute"].items():

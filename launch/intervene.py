@@ -15,7 +15,7 @@ import os
 from absl import flags
 from flax import nnx
 
-from factrecall_jax import analysis, cli, evaluate, experiment, study, trace
+from factrecall_jax import analysis, cli, evaluate, experiment, sharding, study, trace
 from factrecall_jax.data import schedules
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory written by launch.train.", required=True)
@@ -80,9 +80,11 @@ def main(_):
     for name, (path, final, trace_file, steps) in sources.items():
         print(f"{name}: {path} at step {final}; trace {trace_file} (steps {steps})")
 
+    mesh = experiment.make_mesh(config)
     evaluator = evaluate.Evaluator(schedules.token_tables(tokenized, tokenizer.pad_token_id), graphdef,
-                                   config.train.eval_batch_size)
+                                   config.train.eval_batch_size, sharding.batch_sharding(mesh))
     init_params = nnx.split(experiment.init_model(config, len(tokenizer)), nnx.Param)[1]
+    init_params = sharding.shard(init_params, sharding.param_shardings(init_params, mesh))
     rows = study.intervention_table(models, masks, evaluator, init_params, _SEED.value,
                                     graft_pairs=(("run", "donor"),) if donor else ())
 
