@@ -1,6 +1,8 @@
 """Shared pytest settings and fixtures."""
 import dataclasses
 import functools
+import importlib.util
+import os
 from typing import Any
 
 import jax
@@ -12,6 +14,17 @@ from flax import nnx
 # Implicit rank promotion hides shape bugs; float32 matmuls at full precision make parity tests meaningful.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def config_file(name: str, *args):
+    """`get_config(*args)` of configs/<name> (configs is a folder of files, not a package)."""
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), os.path.join(CONFIGS_DIR, name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
 
 
 def pytest_terminal_summary(terminalreporter):

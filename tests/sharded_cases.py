@@ -1,7 +1,6 @@
 """Sharding cases on 8 fake CPU devices. Not collected by default (no test_ prefix): test_sharding.py runs this file
 in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8, set before JAX starts."""
 import functools
-import importlib.util
 import os
 
 import jax
@@ -11,6 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from conftest import config_file
 from factrecall_jax import checkpoint, experiment, models, sharding, train, trace
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
@@ -162,11 +162,7 @@ def test_global_batch_from_host_single_process():
 
 
 def _tiny_config(mesh):
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
-    spec = importlib.util.spec_from_file_location("default_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = config_file("default.py", "tiny")
     config.mesh.update(dict(zip(sharding.MESH_AXES, mesh)))
     config.mixed.steps, config.train.eval_every, config.train.checkpoint_every = 8, 8, 8
     return config

@@ -1,10 +1,10 @@
 """Every config file builds a valid dataset config, optimizer and schedule (the real-model ones cannot be run here)."""
 import glob
-import importlib.util
 import os
 
 import pytest
 
+from conftest import config_file
 from factrecall_jax import data, experiment, train
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "*.py")))
@@ -13,16 +13,9 @@ REAL_MODELS = {"llama32_1b.py": "meta-llama/Llama-3.2-1B", "llama32_3b.py": "met
                "pythia_2p8b.py": "EleutherAI/pythia-2.8b"}
 
 
-def _load(path):
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_config_builds_its_parts(path):
-    config = _load(path)
+    config = config_file(os.path.basename(path))
     data.DatasetConfig(seed=config.seed, **config.data)
     train.OptimizerConfig(**config.optimizer)
     for schedule in experiment.SCHEDULES:

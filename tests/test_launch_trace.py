@@ -1,5 +1,4 @@
 """launch.trace and launch.intervene end to end on one tiny trained run (trained once for the module)."""
-import importlib.util
 import json
 import os
 import shutil
@@ -10,18 +9,12 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import config_file
 from factrecall_jax import analysis, experiment, study, trace
 from factrecall_jax.data import pairs as pairs_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACE_ARGS = ("--num_checkpoints=2", "--num_people=4", "--chunk_size=8")
-
-
-def tiny_config():
-    spec = importlib.util.spec_from_file_location("default_config", os.path.join(REPO, "configs", "default.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("tiny")
 
 
 def launch(script, *args):
@@ -41,7 +34,7 @@ def run(tmp_path_factory):
     """A tiny mixed run (checkpoints at steps 8, 16, 24) with its final evaluation, the stdout of launch.trace on it,
     and the same trace computed here (study.trace_run, while launch.trace runs)."""
     workdir = str(tmp_path_factory.mktemp("trace") / "mixed")
-    final = experiment.train(tiny_config(), workdir, log=lambda *_: None)
+    final = experiment.train(config_file("default.py", "tiny"), workdir, log=lambda *_: None)
     process = subprocess.Popen([sys.executable, "-m", "launch.trace", f"--workdir={workdir}", *TRACE_ARGS], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

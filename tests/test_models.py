@@ -1,7 +1,5 @@
 """The Llama and GPT-NeoX ports against transformers' PyTorch models, and their JAX-side properties."""
 import dataclasses
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import config_file
 from factrecall_jax import models
 from factrecall_jax.models import layers
 
@@ -17,11 +16,7 @@ pytest.importorskip("torch")
 
 def _default_model_config():
     """The model section (a ConfigDict) of configs/default.py, the tiny from-scratch run, with a vocabulary size."""
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "default.py")
-    spec = importlib.util.spec_from_file_location("default_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model_config = module.get_config().model
+    model_config = config_file("default.py").model
     model_config.vocab_size = 2048
     return model_config
 

@@ -3,7 +3,6 @@ stage 2 equals the unforked one, and a work directory refuses another config.
 
 Every training run happens once per module (module-scoped fixtures); compiling the fused train step dominates.
 """
-import importlib.util
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import config_file
 from factrecall_jax import experiment, train
 from factrecall_jax.checkpoint import Checkpoints
 
@@ -25,11 +25,7 @@ def quiet(*_):
 
 def tiny_config(schedule="mixed"):
     """configs/default.py:tiny (40 people, a 32-wide model, 24 mixed steps of 8 + 8 rows), stages of 12 + 12 steps."""
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "default.py")
-    spec = importlib.util.spec_from_file_location("default_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = config_file("default.py", "tiny")
     config.two_stage.update(stage1_steps=12, stage2_steps=12, qa_batch=8)
     config.schedule = schedule
     return config
