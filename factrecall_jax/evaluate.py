@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from factrecall_jax.data import ATTRIBUTES
 from factrecall_jax.data.schedules import TokenTable
@@ -36,7 +37,9 @@ class Evaluator:
 
     def __init__(self, tables: Mapping[str, TokenTable], graphdef: nnx.GraphDef, batch_size: int = 512,
                  sharding: jax.sharding.Sharding | None = None):
-        self._hits = jax.jit(lambda params, batch: value_hits(graphdef, params, batch))
+        # Replicated results: every host of a multi-host mesh reads all rows.
+        replicated = {} if sharding is None else {"out_shardings": jax.sharding.NamedSharding(sharding.mesh, P())}
+        self._hits = jax.jit(lambda params, batch: value_hits(graphdef, params, batch), **replicated)
         self._batches, self._rows = {}, {}
         for split, table in tables.items():
             if not len(table):

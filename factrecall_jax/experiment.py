@@ -92,10 +92,13 @@ def _chunk_ends(start, stop, every):
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step; reopening drops records a restored checkpoint has not seen."""
+    """metrics.jsonl: one JSON object per logged step; reopening drops records a restored checkpoint has not seen.
+    Only process 0 writes (`sharding.is_writer`)."""
 
     def __init__(self, path: str, resume_step: int):
-        self.path = path
+        self.path = path if sharding.is_writer() else None
+        if self.path is None:
+            return
         records = read_metrics(path) if os.path.exists(path) else []
         kept = [r for r in records if r["step"] <= resume_step]
         with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -103,6 +106,8 @@ class MetricsLog:
         os.replace(path + ".tmp", path)
 
     def write(self, record: dict) -> None:
+        if self.path is None:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -113,7 +118,7 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def write_config(config, workdir):
-    """Writes the resolved config.json, or checks that a resumed run has the same one."""
+    """Writes the resolved config.json (process 0), or checks that a resumed run has the same one."""
     path = os.path.join(workdir, "config.json")
     text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
     if os.path.exists(path):
@@ -121,7 +126,7 @@ def write_config(config, workdir):
             if f.read() != text:
                 raise ValueError(f"{workdir} holds a run with another config.json; resume with the same config, "
                                  "or use a new --workdir")
-    else:
+    elif sharding.is_writer():
         os.makedirs(workdir, exist_ok=True)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.write(text)

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from factrecall_jax import trace
@@ -148,7 +148,8 @@ def jit_trace(per_example_loss, param_shardings: nnx.State, *, method: str = "le
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Multi-host. Untested here (one process); on one host these reduce to the identity.
+# Multi-host: every process runs the same program; process 0 alone writes host-side files. On one host these reduce
+# to the identity. tests/multiprocess_cases.py runs them in two processes.
 # ---------------------------------------------------------------------------------------------------------------------
 
 def initialize_distributed(enabled: bool) -> None:
@@ -156,6 +157,23 @@ def initialize_distributed(enabled: bool) -> None:
     `enabled`. jax.distributed.initialize() reads the coordinator and process ids from the cluster environment."""
     if enabled:
         jax.distributed.initialize()
+
+
+def is_writer() -> bool:
+    """Whether this process writes host-side files (config.json, metrics.jsonl, traces, reports): process 0. Every
+    process still takes part in every collective (checkpoints, `to_host`), and reads what process 0 wrote."""
+    return jax.process_index() == 0
+
+
+def to_host(tree):
+    """numpy copies of a tree of arrays on every process. An array split across hosts is gathered, which is a
+    collective: every process must call this."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
 
 
 def host_batch_slice(global_batch_size: int) -> slice:

@@ -85,7 +85,10 @@ def shared_statistics(result: trace.TraceResult, top_fraction: float) -> tuple[d
 
 
 def save_trace(result: trace.TraceResult, records: list[dict], path: str) -> None:
-    trace.save(result, path, {"checkpoints": json.dumps(records)})
+    """trace.save with the checkpoints' records as metadata. Call it on every process: process 0 writes."""
+    host = sharding.to_host(result)
+    if sharding.is_writer():
+        trace.save(host, path, {"checkpoints": json.dumps(records)})
 
 
 def intervention_table(models: dict[str, nnx.State], masks: dict[str, nnx.State], evaluator: evaluate.Evaluator,
@@ -183,7 +186,7 @@ def held_out_examples(run_dirs: dict[str, str], person_index: int = 0) -> str:
 def reproduce(config, workdir: str, log=print) -> dict:
     """The main job: mixed and two-stage from one init, stage 2 forked at each `config.reproduce` learning rate; then
     the trace, shared parameters, interventions and consistency of mixed and the fairest two-stage run (study.mechanisms);
-    then summary.json, report.md and figures in `workdir`. Started again, every run resumes."""
+    then summary.json, report.md and figures in `workdir` (from process 0). Started again, every run resumes."""
     start = time.perf_counter()
     experiment.write_config(config, workdir)
     runs = {}
@@ -212,6 +215,8 @@ def reproduce(config, workdir: str, log=print) -> dict:
                             chunk_size=tc.chunk_size, seed=config.seed, log=log),
                "wall_seconds": time.perf_counter() - start}
     summary["trace"]["two_stage"]["stage2_lr"] = inspected["stage2_lr"]
+    if not sharding.is_writer():
+        return summary
     curves = {"mixed": experiment.read_metrics(os.path.join(runs["mixed"], "metrics.jsonl")),
               "two_stage": [*experiment.read_metrics(os.path.join(runs["two_stage/stage1"], "metrics.jsonl")),
                             *experiment.read_metrics(os.path.join(stage2_dir, "metrics.jsonl"))]}

@@ -100,6 +100,11 @@ def _lm_loss(graphdef: nnx.GraphDef, layer_graphdef: nnx.GraphDef) -> StackedLos
 # Contraction of per-example gradients
 # --------------------------------------------------------------------------------------------------------------------
 
+# Name scopes of the lean path, so that a profile can tell its parts apart (launch.benchmark_trace --profile_dir).
+CONTRACT_SCOPE = "contract"
+OUTER_SCOPE = "embedding_and_head"
+
+
 def _is_stacked(path) -> bool:
     return isinstance(path[0], jax.tree_util.DictKey) and path[0].key == STACKED_KEY
 
@@ -109,16 +114,19 @@ def _contract(bio_CX: Sequence[jax.Array], qa_CX: Sequence[jax.Array], valid_C: 
     product and squared norms, summed over the leaves ([C]) or, with per_layer, per index of their second axis
     ([C, L], for stacked leaves [C, L, ...])."""
     keep = 2 if per_layer else 1
-
-    def weighted_sum(x_CX):
-        return jnp.tensordot(valid_C.astype(dtype), x_CX.astype(dtype), axes=1)
-
-    def per_pair(a_CX, b_CX):
-        return sum(jnp.sum((a * b).astype(dtype), axis=tuple(range(keep, a.ndim))) for a, b in zip(a_CX, b_CX))
-
-    sums = ([weighted_sum(jnp.abs(g)) for g in bio_CX], [weighted_sum(jnp.abs(g)) for g in qa_CX],
-            [weighted_sum(b * q) for b, q in zip(bio_CX, qa_CX)])
-    return sums, (per_pair(bio_CX, qa_CX), per_pair(bio_CX, bio_CX), per_pair(qa_CX, qa_CX))
+    weights_C = valid_C.astype(dtype)
+    sums, pair_sums = ([], [], []), [0.0, 0.0, 0.0]
+    with jax.named_scope(CONTRACT_SCOPE):
+        for bio, qa in zip(bio_CX, qa_CX):
+            b, q = (x.reshape(*x.shape[:keep], -1).astype(dtype) for x in (bio, qa))
+            # The products are written once and read by both the sum over pairs and the per-pair sums. Left to
+            # itself, XLA:CPU fuses each product into each reduction and tree-rewrites those into slow kernels.
+            products = jax.lax.optimization_barrier((b * q, b * b, q * q))
+            for total, x in zip(sums, (jnp.abs(b), jnp.abs(q), products[0])):
+                total.append(jnp.tensordot(weights_C, x, axes=1).reshape(bio.shape[1:]))
+            for i, p in enumerate(products):
+                pair_sums[i] += jnp.sum(p, axis=-1)
+    return sums, tuple(pair_sums)
 
 
 def _pair_sums(bio_CX, qa_CX, valid_C, dtype, stacked):
@@ -190,6 +198,7 @@ def _staged_chunk(loss: StackedLoss, params, bio_C, qa_C, valid_C, dtype):
             return loss.head(p, x_last, example) + jnp.vdot(loss.embed(p, example)[0], dx0)
         return jax.grad(direct)(outer)
 
+    @jax.named_scope(OUTER_SCOPE)
     def per_pair(acc, xs):
         bio_ex, b_last, b_dx0, qa_ex, q_last, q_dx0, valid = xs
         sums, pairs = _contract([g[None] for g in outer_grad(bio_ex, b_last, b_dx0)],

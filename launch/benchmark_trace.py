@@ -2,7 +2,7 @@
 
     python -m launch.benchmark_trace [--config=configs/default.py] [--sizes=default,30m,100m] [--pairs=64]
         [--seq_len=64] [--chunk_size=16] [--repeats=5] [--skip_reference] [--memory_limit_gb=G]
-        [--sweep_chunks=8,16,32,64] [--json_out=bench.json]
+        [--sweep_chunks=8,16,32,64] [--profile_dir=DIR] [--json_out=bench.json]
 
 Per size, one random Llama-architecture model and one set of `pairs` BIO and `pairs` QA rows of `seq_len` random
 tokens (every target weighted), shared by every variant:
@@ -22,9 +22,13 @@ is compiled but not run when that peak exceeds --memory_limit_gb (default 80% of
 allocator statistics on CPU: torch_peak_mb is the growth of the process's resident memory over the run (sampled every
 5 ms), and torch_grads_mb the analytic size of one chunk's materialized per-example gradients (2 x chunk x params
 floats). --sweep_chunks times the lean trace at other chunk sizes on the 30m model (one run each after the compile).
+--profile_dir runs the train step and the lean trace once more each under jax.profiler and prints where the time goes.
 """
+import collections
+import glob
 import json
 import os
+import re
 import statistics
 import tempfile
 import threading
@@ -49,6 +53,8 @@ _MEMORY_LIMIT = flags.DEFINE_float("memory_limit_gb", None, "Run the reference o
                                    "this (default: 80% of physical memory).")
 _SWEEP = flags.DEFINE_list("sweep_chunks", [], "Chunk sizes at which to also time the lean trace on the 30m model.")
 _NO_TORCH = flags.DEFINE_bool("skip_torch", False, "Leave out the torch.func variant.")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Also run the train step and the lean trace once each under "
+                                   "jax.profiler, write the traces here and print where their time goes.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the figures here as JSON, keyed by size.")
 
 # name -> LlamaConfig fields (besides the config's own for "default").
@@ -86,11 +92,12 @@ def _time(fn, repeats):
 
 
 def _measure_jax(fn, args, run=True, repeats=None):
-    """{"peak_bytes", "compile_s", "seconds", "output"} of jax.jit(fn) on args (seconds None when not run)."""
+    """{"peak_bytes", "compile_s", "seconds", "output", "compiled", "args"} of jax.jit(fn) on args (seconds None when
+    not run)."""
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     r = {"peak_bytes": _peak_bytes(compiled), "compile_s": time.perf_counter() - start, "seconds": None,
-         "output": None}
+         "output": None, "compiled": compiled, "args": args}
     if run:
         r["seconds"], r["output"] = _time(lambda: jax.block_until_ready(compiled(*args)), repeats or _REPEATS.value)
     return r
@@ -119,6 +126,45 @@ class _RssPeak:
         self.done.set()
         self.thread.join()
         self.growth = self.peak - self.base
+
+
+# The lean trace's parts, by the name scopes of its ops (the first that matches); everything else is, in the lean
+# trace, the layers' forward and backward (the per-example gradients), and in the train step the whole step.
+PARTS = ((trace.CONTRACT_SCOPE, "contraction"), (trace.OUTER_SCOPE, "embedding and head, per pair"))
+REST = "everything else"
+
+
+def _profile(folder: str, compiled, args, top: int = 8) -> dict:
+    """One run of a compiled program under jax.profiler (the trace lands in `folder`, for TensorBoard or Perfetto),
+    and where its time went: XLA op time summed over threads, by PARTS, and the costliest ops."""
+    ops = {}  # HLO instruction name -> its op_name metadata
+    for line in compiled.as_text().splitlines():
+        if match := re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', line):
+            ops.setdefault(match.group(1), match.group(2))
+    with jax.profiler.trace(folder):
+        jax.block_until_ready(compiled(*args))
+    xspace = max(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    seconds, calls = collections.Counter(), collections.Counter()
+    for plane in jax.profiler.ProfileData.from_file(xspace).planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name in ops:
+                    seconds[event.name] += event.duration_ns / 1e9
+                    calls[event.name] += 1
+    parts = collections.Counter()
+    for name, s in seconds.items():
+        parts[next((part for scope, part in PARTS if f"/{scope}/" in ops[name]), REST)] += s
+    return {"op_seconds": sum(seconds.values()), "parts": dict(parts),
+            "top_ops": [{"op": name, "seconds": s, "calls": calls[name], "op_name": ops[name]}
+                        for name, s in seconds.most_common(top)]}
+
+
+def _print_profile(name, p):
+    total = p["op_seconds"]
+    print(f"  {name}: {total:.2f} s of XLA op time (summed over threads): "
+          + ", ".join(f"{part} {s:.2f} s ({s / total:.0%})" for part, s in p["parts"].items()) + "; costliest ops:")
+    for op in p["top_ops"]:
+        print(f"    {op['seconds']:6.2f} s {op['calls']:4d} calls  {op['op']}: {op['op_name'][-90:]}")
 
 
 def _torch_func(model, bio, qa):
@@ -230,6 +276,16 @@ def _bench(size: str, memory_limit: float) -> dict:
             sweep[c] = {"seconds": r["seconds"], "peak_mb": r["peak_bytes"] / MB}
             print(f"  lean, chunks of {c}: {r['seconds']:.3f} s, peak {r['peak_bytes'] / MB:.0f} MB", flush=True)
 
+    profiles = {}
+    if _PROFILE_DIR.value:
+        for name in ("train step", "lean"):
+            r = results[name]
+            folder = os.path.join(_PROFILE_DIR.value, size, name.replace(" ", "_"))
+            profiles[name] = _profile(folder, r["compiled"], r["args"])
+        print(f"\n{size}: profiles in {os.path.join(_PROFILE_DIR.value, size)}")
+        for name, p in profiles.items():
+            _print_profile(name, p)
+
     _table(size, results, num_params)
     sec = lambda name: results[name]["seconds"] if name in results else None  # noqa: E731
     peak = lambda name: results[name]["peak_bytes"] / MB if name in results else None  # noqa: E731
@@ -239,7 +295,7 @@ def _bench(size: str, memory_limit: float) -> dict:
             "reference_peak_mb": peak("reference"), "torch_peak_mb": peak("torch.func"),
             "torch_grads_mb": torch_r["grads_bytes"] / MB if torch_r else None,
             "torch_parity_max_rel": torch_r["parity_max_rel"] if torch_r else None,
-            "lean_chunk_sweep": sweep or None}
+            "lean_chunk_sweep": sweep or None, "profiles": profiles or None}
 
 
 def _table(size, results, num_params):

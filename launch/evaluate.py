@@ -27,11 +27,12 @@ def main(_):
     for split, per_attribute in result["per_attribute"].items():
         print(f"{split:<20} {result[f'{split}_accuracy']:>6.3f} "
               + " ".join(f"{per_attribute.get(a, float('nan')):>12.3f}" for a in ATTRIBUTES))
-    path = os.path.join(_WORKDIR.value, f"eval_step{step}.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump({"step": step, **result}, f, indent=2)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    if sharding.is_writer():
+        path = os.path.join(_WORKDIR.value, f"eval_step{step}.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump({"step": step, **result}, f, indent=2)
+        os.replace(path + ".tmp", path)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -99,11 +99,12 @@ def main(_):
                      "traced_steps": steps} for name, (path, final, trace_file, steps) in sources.items()}
     report = {**report, "donor": report.get("donor"), "rule": _RULE.value, "top_fraction": _TOP_FRACTION.value,
               "seed": _SEED.value, "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    os.replace(out + ".tmp", out)
-    print(f"wrote {out}")
+    if sharding.is_writer():
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        os.replace(out + ".tmp", out)
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import os
 
 from absl import flags
 
-from factrecall_jax import analysis, cli, experiment, study
+from factrecall_jax import analysis, cli, experiment, sharding, study
 from factrecall_jax.data import pairs as pairs_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory written by launch.train.", required=True)
@@ -75,7 +75,24 @@ def main(_):
         "shared": shared,
     }
 
-    # Both files appear together or not at all.
+    combined = sharding.to_host(combined)  # a collective: every process gathers, process 0 writes
+    if sharding.is_writer():
+        _write(combined, records, summary, out, summary_path)
+
+    top_k = shared[analysis.RULES[0]]["head_concentration"]["top_k"]
+    print(f"{'rule':<14} {'shared':>8} {'fraction':>9} {'head gini':>10} {f'top-{top_k} heads':>13}")
+    for rule in analysis.RULES:
+        total, heads = shared[rule]["total"], shared[rule]["head_concentration"]
+        print(f"{rule:<14} {total['count']:>8} {total['fraction']:>9.4f} {heads['gini']:>10.3f} "
+              f"{heads['top_k_share']:>13.3f}")
+    print(f"mean BIO-QA gradient cosine at step {records[-1]['step']}: "
+          f"{records[-1]['gradient_consistency']['mean']:.3f}")
+    if sharding.is_writer():
+        print(f"wrote {out} and {summary_path}")
+
+
+def _write(combined, records, summary, out, summary_path):
+    """Both files appear together or not at all."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     partial = [out + ".partial", summary_path + ".partial"]
     try:
@@ -88,16 +105,6 @@ def main(_):
         for path in partial:
             if os.path.exists(path):
                 os.remove(path)
-
-    top_k = shared[analysis.RULES[0]]["head_concentration"]["top_k"]
-    print(f"{'rule':<14} {'shared':>8} {'fraction':>9} {'head gini':>10} {f'top-{top_k} heads':>13}")
-    for rule in analysis.RULES:
-        total, heads = shared[rule]["total"], shared[rule]["head_concentration"]
-        print(f"{rule:<14} {total['count']:>8} {total['fraction']:>9.4f} {heads['gini']:>10.3f} "
-              f"{heads['top_k_share']:>13.3f}")
-    print(f"mean BIO-QA gradient cosine at step {records[-1]['step']}: "
-          f"{records[-1]['gradient_consistency']['mean']:.3f}")
-    print(f"wrote {out} and {summary_path}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,14 @@ def config_file(name: str, *args):
     return module.get_config(*args)
 
 
+def tiny_run_config(**mesh):
+    """The tiny preset, 8 mixed steps with checkpoints at 4 and 8, on a mesh of the given axis sizes."""
+    config = config_file("default.py", "tiny")
+    config.mesh.update(mesh)
+    config.mixed.steps, config.train.eval_every, config.train.checkpoint_every = 8, 8, 4
+    return config
+
+
 def pytest_terminal_summary(terminalreporter):
     """Prints the parity figures that tests recorded with `record_property("parity", line)`, without needing -s."""
     lines = [value for reports in terminalreporter.stats.values() for report in reports

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from conftest import config_file
+from conftest import tiny_run_config
 from factrecall_jax import checkpoint, experiment, models, sharding, train, trace
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
@@ -161,20 +161,13 @@ def test_global_batch_from_host_single_process():
     assert global_batch["inputs"].sharding.spec == P(("data", "fsdp"))
 
 
-def _tiny_config(mesh):
-    config = config_file("default.py", "tiny")
-    config.mesh.update(dict(zip(sharding.MESH_AXES, mesh)))
-    config.mixed.steps, config.train.eval_every, config.train.checkpoint_every = 8, 8, 8
-    return config
-
-
 def test_experiment_train_runs_sharded_and_restores_onto_its_mesh(tmp_path):
     """The training loop on the config's mesh: (2, 2, 2) and (8, 1, 1) give the same run, evaluated the same, and
     restore_params lays the saved parameters out on the config's mesh."""
     losses, params = {}, {}
     for mesh in [(8, 1, 1), (2, 2, 2)]:
         workdir = str(tmp_path / "x".join(map(str, mesh)))
-        experiment.train(_tiny_config(mesh), workdir, log=lambda *_: None)
+        experiment.train(tiny_run_config(**dict(zip(sharding.MESH_AXES, mesh))), workdir, log=lambda *_: None)
         params[mesh] = experiment.load_run(workdir)[4]
         records = experiment.read_metrics(os.path.join(workdir, "metrics.jsonl"))
         losses[mesh] = [r["loss"] for r in records if "loss" in r]
