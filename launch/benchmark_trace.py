@@ -161,6 +161,9 @@ def _profile(folder: str, compiled, args, top: int = 8) -> dict:
 
 def _print_profile(name, p):
     total = p["op_seconds"]
+    if not total:
+        print(f"  {name}: the profile has no events named like the program's XLA ops")
+        return
     print(f"  {name}: {total:.2f} s of XLA op time (summed over threads): "
           + ", ".join(f"{part} {s:.2f} s ({s / total:.0%})" for part, s in p["parts"].items()) + "; costliest ops:")
     for op in p["top_ops"]:
