@@ -30,9 +30,12 @@ def get_config():
     config.optimizer.warmup_steps = 100
     config.optimizer.weight_decay = 0.1
     config.optimizer.b2 = 0.999
+    # The paper's fine-tuning: QA loss on the answer, BIO and QA rows in equal numbers (not Physics 3.1's token share).
+    config.qa_loss = "answer"
     config.mixed.steps = 6000
     config.mixed.bio_batch = 16
     config.mixed.qa_batch = 16
+    config.mixed.qa_token_share = 0.0
     config.two_stage.stage1_steps = 4000
     config.two_stage.bio_batch = 16
     config.two_stage.stage2_steps = 2000

@@ -10,6 +10,7 @@ and numpy values, ready for JSON.
 Selecting the top fraction of a billion-parameter tree must not copy it into one array: `top_fraction_mask` finds the
 exact threshold by bisection over float32 bit patterns, reading the tree once per step (about 31 steps).
 """
+import functools
 import math
 from collections.abc import Iterator, Mapping
 
@@ -23,6 +24,7 @@ from factrecall_jax.trace import TraceResult
 
 LAYER_AXIS, HEAD_AXIS, KV_HEAD_AXIS, NEURON_AXIS = "layers", LOGICAL_AXES["N"], LOGICAL_AXES["K"], LOGICAL_AXES["F"]
 RULES = ("intersection", "cross")
+SCOPES = ("global", "tensor")
 _INF_BITS = 0x7F800000  # the int32 bit pattern of float32 +inf, above every finite non-negative float32
 
 
@@ -39,64 +41,97 @@ def _positive_bits(x: jax.Array) -> jax.Array:
     return jnp.where((bits > 0) & (bits <= _INF_BITS), bits, 0)  # negative values have the sign bit set: bits < 0
 
 
+def _rows(x: jax.Array, stacked: bool) -> jax.Array:
+    """x as [R, C]: one row per layer of a stacked leaf, else one per slice along its first axis (so that no int32
+    count overflows)."""
+    if stacked or x.ndim >= 2:
+        return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+    return x.reshape(1, x.size)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _count_at_least(leaves: list[jax.Array], bits: list[jax.Array], stacked: tuple[bool, ...]) -> list[jax.Array]:
+    """Per leaf and row of `_rows`, how many entries have bit pattern >= the leaf's threshold: one threshold, or one
+    per layer of a stacked leaf."""
+    return [jnp.sum(_positive_bits(_rows(x, s)) >= jnp.reshape(b, (-1, 1)), axis=1, dtype=jnp.int32)
+            for x, b, s in zip(leaves, bits, stacked)]
+
+
 @jax.jit
-def _count_at_least(leaves: list[jax.Array], bits: jax.Array) -> list[jax.Array]:
-    """Per leaf and slice along its first axis (no int32 sum overflows), how many entries have bit pattern >= bits."""
-    def count(x):
-        x_RC = x.reshape(1, x.size) if x.ndim < 2 else x.reshape(x.shape[0], math.prod(x.shape[1:]))
-        return jnp.sum(_positive_bits(x_RC) >= bits, axis=1, dtype=jnp.int32)
-
-    return [count(x) for x in leaves]
+def _mask_at_least(leaves: list[jax.Array], bits: list[jax.Array]) -> list[jax.Array]:
+    return [_positive_bits(x) >= jnp.reshape(b, b.shape + (1,) * (x.ndim - b.ndim)) for x, b in zip(leaves, bits)]
 
 
-@jax.jit
-def _mask_at_least(tree, bits: jax.Array):
-    return jax.tree.map(lambda x: _positive_bits(x) >= bits, tree)
+def _is_stacked(leaf) -> bool:
+    """Whether a leaf holds one tensor per layer: an nnx.Variable whose first logical axis is "layers"."""
+    return isinstance(leaf, nnx.Variable) and tuple(leaf.get_metadata().get("out_sharding") or ())[:1] == (LAYER_AXIS,)
 
 
-def top_fraction_mask(tree, fraction: float):
-    """True where a value is positive and among the top `fraction` of all values of all leaves together.
+def top_fraction_mask(tree, fraction: float, scope: str = "global"):
+    """True where a value is positive and among the top `fraction` of the values of its group: all leaves together
+    (scope "global"), or each tensor on its own (scope "tensor": every leaf, and every layer of a stacked leaf).
 
-    With k = max(1, round(fraction * total size)), the threshold is the exact k-th largest value; every value equal to
-    it is included, so ties can select more than k entries. Values <= 0 (and NaN) are never selected, so fewer than k
-    positive values select exactly those. The threshold is found by bisection on the int32 bit patterns of the values
-    clipped to >= 0 in float32 (monotone there), counting over the leaves one pass per step: no leaf is copied or
-    concatenated.
+    With k = max(1, round(fraction * group size)), a group's threshold is its exact k-th largest value; every value
+    equal to it is included, so ties can select more than k entries. Values <= 0 (and NaN) are never selected, so
+    fewer than k positive values select exactly those. Thresholds are found by bisection on the int32 bit patterns of
+    the values clipped to >= 0 in float32 (monotone there), all groups at once, counting over the leaves one pass per
+    step: no leaf is copied or concatenated.
 
     Args:
-      tree: any pytree of arrays, e.g. an nnx.State like the parameters.
+      tree: any pytree of arrays, e.g. an nnx.State like the parameters (whose "layers" axis metadata marks stacked
+        leaves; leaves of a plain pytree are one tensor each).
       fraction: in (0, 1].
+      scope: one of SCOPES. A global ranking compares tensors of different gradient scale, so it can fall on a few
+        tensors; "tensor" asks where each tensor's own largest values sit.
 
     Returns:
       A boolean tree with the structure (and nnx metadata) of `tree`.
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction={fraction!r} is invalid: expected 0 < fraction <= 1")
-    leaves = jax.tree.leaves(tree)
-    total = sum(x.size for x in leaves)
-    if not total:
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r} is invalid: expected one of {', '.join(SCOPES)}")
+    leaves, treedef = jax.tree.flatten(tree)
+    if not sum(x.size for x in leaves):
         raise ValueError("top_fraction_mask got a tree with no values")
-    k = max(1, round(fraction * total))
-    lo, hi = 0, _INF_BITS + 1  # invariant: at least k values have bits >= lo, fewer than k have bits >= hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        counts = jax.device_get(_count_at_least(leaves, np.int32(mid)))
-        lo, hi = (mid, hi) if sum(int(c.sum(dtype=np.int64)) for c in counts) >= k else (lo, mid)
-    return _mask_at_least(tree, np.int32(max(lo, 1)))  # bits >= 1 <=> value > 0
+    stacked = tuple(scope == "tensor" and _is_stacked(v)
+                    for v in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    if scope == "global":  # one group; its threshold applies to every leaf
+        group_sizes = np.array([sum(x.size for x in leaves)])
+        group_counts = lambda counts: np.array([sum(int(c.sum(dtype=np.int64)) for c in counts)])
+        leaf_bits = lambda bits: [bits[0]] * len(leaves)
+    else:  # one group per unstacked leaf and per layer of a stacked leaf, in leaf order
+        groups = [x.shape[0] if s else 1 for x, s in zip(leaves, stacked)]
+        starts = np.cumsum([0] + groups)[:-1]
+        group_sizes = np.concatenate([np.full(g, x.size // g) for x, g in zip(leaves, groups)])
+        group_counts = lambda counts: np.concatenate(
+            [c.astype(np.int64) if s else [c.sum(dtype=np.int64)] for c, s in zip(counts, stacked)])
+        leaf_bits = lambda bits: [bits[o:o + g] if s else bits[o] for o, g, s in zip(starts, groups, stacked)]
+    k = np.maximum(1, np.round(fraction * group_sizes)).astype(np.int64)
+    # invariant per group: at least k values have bits >= lo, fewer than k have bits >= hi
+    lo, hi = np.zeros_like(k, np.int32), np.full_like(k, _INF_BITS + 1, np.int32)
+    while np.any(hi - lo > 1):
+        mid = ((lo.astype(np.int64) + hi) // 2).astype(np.int32)
+        enough = group_counts(jax.device_get(_count_at_least(leaves, leaf_bits(mid), stacked))) >= k
+        lo, hi = np.where(enough, mid, lo), np.where(enough, hi, mid)
+    return treedef.unflatten(_mask_at_least(leaves, leaf_bits(np.maximum(lo, 1))))  # bits >= 1 <=> value > 0
 
 
-def shared_parameters(result: TraceResult, top_fraction: float = 0.01, rule: str = "intersection"):
+def shared_parameters(result: TraceResult, top_fraction: float = 0.01, rule: str = "intersection",
+                      scope: str = "global"):
     """The parameters both tasks rely on, as a boolean tree like the parameters.
 
     rule "intersection": in the top `top_fraction` by sum_i |g_bio_i| and also in the top `top_fraction` by
     sum_i |g_qa_i| (the paper's definition). rule "cross": in the top `top_fraction` by the positive part of
     sum_i g_bio_i * g_qa_i, i.e. parameters whose BIO and QA gradients agree in sign and are large together.
+    scope: where the top fraction is taken (`top_fraction_mask`): over all parameters ("global") or within each
+    parameter tensor ("tensor").
     """
     if rule == "intersection":
-        return jax.tree.map(jnp.logical_and, top_fraction_mask(result.bio_abs, top_fraction),
-                            top_fraction_mask(result.qa_abs, top_fraction))
+        return jax.tree.map(jnp.logical_and, top_fraction_mask(result.bio_abs, top_fraction, scope),
+                            top_fraction_mask(result.qa_abs, top_fraction, scope))
     if rule == "cross":
-        return top_fraction_mask(result.cross, top_fraction)  # negative values are never selected
+        return top_fraction_mask(result.cross, top_fraction, scope)  # negative values are never selected
     raise ValueError(f"unknown rule {rule!r}; valid rules: {', '.join(RULES)}")
 
 

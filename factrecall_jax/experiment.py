@@ -73,6 +73,15 @@ def schedule(config) -> tuple[schedules.Phase, ...]:
     raise ValueError(f"schedule={config.schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
 
 
+def resolve_batches(config, tables):
+    """`config` with mixed.qa_batch derived from mixed.qa_token_share when that is set (> 0), so that config.json
+    holds the rows a step reads."""
+    if not config.mixed.qa_token_share:
+        return config
+    qa_rows = schedules.qa_rows_for_token_share(tables, config.mixed.bio_batch, config.mixed.qa_token_share)
+    return override(config, **{"mixed.qa_batch": qa_rows})
+
+
 def phase_optimizer(phases, index):
     """(optax transformation, learning rate as a function of the global step) of phase `index`."""
     starts = schedules.phase_starts(phases)
@@ -143,10 +152,11 @@ def train(config, workdir: str, *, until_step: int | None = None, log=print) -> 
     evaluation. Resumes from the work directory's last checkpoint, or starts a fork from the stage boundary of
     `config.two_stage.fork_from`. `until_step` stops early (a stage-1-only run, or a test's interrupted run).
     """
-    write_config(config, workdir)
     tokenized, tokenizer = load_data(config)
     tables = schedules.token_tables(tokenized, tokenizer.pad_token_id)
+    config = resolve_batches(config, tables)
     phases = schedule(config)
+    write_config(config, workdir)
     starts = schedules.phase_starts(phases)
     stop = starts[-1] if until_step is None else min(until_step, starts[-1])
     graphdef, params = nnx.split(init_model(config, len(tokenizer)), nnx.Param)
@@ -177,6 +187,9 @@ def train(config, workdir: str, *, until_step: int | None = None, log=print) -> 
         if step >= min(starts[index + 1], stop):
             continue
         tx, lr_fn = phase_optimizer(phases, index)
+        shares = schedules.token_shares(phase, tables)
+        log(f"{phase.name}: " + " + ".join(f"{n} {task.upper()} rows ({shares[task]:.0%} of the tokens)"
+                                           for task, n in sorted(phase.batch_sizes.items())) + " per step")
         if index > 0 and phase.fresh_optimizer and step == starts[index]:
             state = sharding.shard(train_lib.init_state(state.params, tx, step), state_shardings)
         steps_fn = sharding.jit_train_steps(train_lib.make_train_step(

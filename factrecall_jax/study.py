@@ -70,17 +70,21 @@ def trace_run(workdir: str, fact_pairs: dict, *, num_checkpoints: int = 5, chunk
 
 
 def shared_statistics(result: trace.TraceResult, top_fraction: float) -> tuple[dict, dict]:
-    """({rule: mask}, {rule: counts per module and layer, per head and neuron, and their concentration})."""
+    """({scope: {rule: mask}}, {scope: {rule: counts per module and layer, per head and neuron, and their
+    concentration}}) for every scope and rule of `analysis.shared_parameters`."""
     masks, stats = {}, {}
-    for rule in analysis.RULES:
-        mask = masks[rule] = analysis.shared_parameters(result, top_fraction, rule)
-        heads, neurons = analysis.head_counts(mask), analysis.neuron_counts(mask)
-        top_k = max(1, min(10, heads["heads"].size // 4))  # "top 10 heads" says nothing about a model with 8
-        stats[rule] = {**analysis.module_counts(mask),
-                       "heads": heads["heads"].tolist(),
-                       "kv_heads": None if heads["kv_heads"] is None else heads["kv_heads"].tolist(),
-                       "head_concentration": {"top_k": top_k, **analysis.concentration(heads["heads"], top_k)},
-                       "neuron_concentration": analysis.concentration(neurons)}
+    for scope in analysis.SCOPES:
+        for rule in analysis.RULES:
+            mask = masks.setdefault(scope, {})[rule] = analysis.shared_parameters(result, top_fraction, rule, scope)
+            heads, neurons = analysis.head_counts(mask), analysis.neuron_counts(mask)
+            top_k = max(1, min(10, heads["heads"].size // 4))  # "top 10 heads" says nothing about a model with 8
+            stats.setdefault(scope, {})[rule] = {
+                **analysis.module_counts(mask),
+                "heads": heads["heads"].tolist(),
+                "kv_heads": None if heads["kv_heads"] is None else heads["kv_heads"].tolist(),
+                "neurons": neurons.tolist(),
+                "head_concentration": {"top_k": top_k, **analysis.concentration(heads["heads"], top_k)},
+                "neuron_concentration": analysis.concentration(neurons)}
     return masks, stats
 
 
@@ -91,34 +95,40 @@ def save_trace(result: trace.TraceResult, records: list[dict], path: str) -> Non
         trace.save(host, path, {"checkpoints": json.dumps(records)})
 
 
-def intervention_table(models: dict[str, nnx.State], masks: dict[str, nnx.State], evaluator: evaluate.Evaluator,
-                       init_params: nnx.State, seed: int = 0, graft_pairs=(("two_stage", "mixed"),)) -> list[dict]:
+def intervention_table(models: dict[str, nnx.State], masks: dict[str, dict[str, nnx.State]],
+                       evaluator: evaluate.Evaluator, init_params: nnx.State, seed: int = 0,
+                       graft_pairs=(("two_stage", "mixed"),)) -> list[dict]:
     """Accuracy after each intervention, against a random control with the same count in every tensor.
 
-    models: {regime: params}; masks: {regime: shared-parameter mask}. Each model is ablated with its own mask
-    (set to zero, and reset to the init); for (recipient, donor) in graft_pairs the donor's values under the donor's
-    mask are grafted into the recipient.
+    models: {regime: params}; masks: {scope: {regime: shared-parameter mask}} (one scope or several, e.g. "global"
+    and "tensor" of analysis.shared_parameters). Each model is scored as it is, then ablated with each scope's mask of
+    its own (set to zero, and reset to the init); for (recipient, donor) in graft_pairs the donor's values under the
+    donor's mask are grafted into the recipient. Rows: {"model", "intervention", "scope", "mask", "count", accuracies}.
     """
     rows = []
 
-    def score(model, intervention, mask_name, count, params):
+    def score(model, intervention, scope, mask_name, count, params):
         result = evaluator(params)
-        rows.append({"model": model, "intervention": intervention, "mask": mask_name, "count": count,
+        rows.append({"model": model, "intervention": intervention, "scope": scope, "mask": mask_name, "count": count,
                      **{k: v for k, v in result.items() if k.endswith("_accuracy")}})
 
     def count_of(mask):
         return int(sum(np.count_nonzero(np.asarray(x)) for x in jax.tree.leaves(mask)))
 
     for regime, params in models.items():
-        score(regime, "none", "-", 0, params)
-        for mask_name, mask in (("shared", masks[regime]), ("random", interventions.random_mask(masks[regime], seed))):
-            score(regime, "ablate to zero", mask_name, count_of(mask), interventions.ablate(params, mask))
-            score(regime, "reset to init", mask_name, count_of(mask), interventions.ablate(params, mask, init_params))
-    for recipient, donor in graft_pairs:
-        mask = masks[donor]
-        for mask_name, m in (("shared", mask), ("random", interventions.random_mask(mask, seed))):
-            score(recipient, f"graft from {donor}", mask_name, count_of(m),
-                  interventions.graft(models[recipient], models[donor], m))
+        score(regime, "none", "-", "-", 0, params)
+    for scope, scope_masks in masks.items():
+        for regime, params in models.items():
+            mask = scope_masks[regime]
+            for mask_name, m in (("shared", mask), ("random", interventions.random_mask(mask, seed))):
+                score(regime, "ablate to zero", scope, mask_name, count_of(m), interventions.ablate(params, m))
+                score(regime, "reset to init", scope, mask_name, count_of(m),
+                      interventions.ablate(params, m, init_params))
+        for recipient, donor in graft_pairs:
+            mask = scope_masks[donor]
+            for mask_name, m in (("shared", mask), ("random", interventions.random_mask(mask, seed))):
+                score(recipient, f"graft from {donor}", scope, mask_name, count_of(m),
+                      interventions.graft(models[recipient], models[donor], m))
     return rows
 
 
@@ -140,7 +150,8 @@ def mechanisms(runs: dict[str, str], out_dir: str, *, num_checkpoints: int, num_
                                             chunk_size=chunk_size, log=log)
         save_trace(combined, records, os.path.join(out_dir, f"{regime}.safetensors"))
         regime_masks, stats = shared_statistics(combined, top_fraction)
-        masks[regime] = regime_masks["intersection"]
+        for scope, by_rule in regime_masks.items():
+            masks.setdefault(scope, {})[regime] = by_rule["intersection"]
         trace_summary[regime] = {"checkpoints": [{k: r[k] for k in ("step", "learning_rate")} for r in records],
                                  "top_fraction": top_fraction, "shared": stats}
         final_step = records[-1]["step"]
@@ -183,10 +194,15 @@ def held_out_examples(run_dirs: dict[str, str], person_index: int = 0) -> str:
     return "Greedy answers about a held-out person:\n\n" + "\n".join(lines)
 
 
+def _stage2_name(lr: float, weight_decay: float) -> str:
+    return f"two_stage/stage2_lr{lr:g}_wd{weight_decay:g}"
+
+
 def reproduce(config, workdir: str, log=print) -> dict:
-    """The main job: mixed and two-stage from one init, stage 2 forked at each `config.reproduce` learning rate; then
-    the trace, shared parameters, interventions and consistency of mixed and the fairest two-stage run (study.mechanisms);
-    then summary.json, report.md and figures in `workdir` (from process 0). Started again, every run resumes."""
+    """The main job: mixed and two-stage from one init, stage 2 forked at each `config.reproduce` learning rate and
+    weight decay; then the trace, shared parameters, interventions and consistency of mixed and the fairest two-stage
+    run (study.mechanisms); then summary.json, report.md and figures in `workdir` (from process 0). Started again,
+    every run resumes."""
     start = time.perf_counter()
     experiment.write_config(config, workdir)
     runs = {}
@@ -200,27 +216,36 @@ def reproduce(config, workdir: str, log=print) -> dict:
     two_stage = experiment.override(config, schedule="two_stage")
     stage1 = run("two_stage/stage1", two_stage, until_step=config.two_stage.stage1_steps)
     sweep = []
-    for lr in config.reproduce.stage2_learning_rates:
-        forked = experiment.override(two_stage, **{"two_stage.stage2_learning_rate": float(lr),
-                                                   "two_stage.fork_from": runs["two_stage/stage1"]})
-        sweep.append({"stage2_lr": float(lr), **run(f"two_stage/stage2_lr{lr:g}", forked)})
+    for wd in config.reproduce.stage2_weight_decays:
+        for lr in config.reproduce.stage2_learning_rates:
+            forked = experiment.override(two_stage, **{
+                "two_stage.stage2_learning_rate": float(lr), "two_stage.stage2_weight_decay": float(wd),
+                "two_stage.fork_from": runs["two_stage/stage1"]})
+            sweep.append({"stage2_lr": float(lr), "stage2_weight_decay": float(wd),
+                          **run(_stage2_name(lr, wd), forked)})
     fairest = report.fairest(sweep)
     # Without a fair two-stage run, look inside the one with the best held-out accuracy (the report says which).
     inspected = fairest or max(sweep, key=lambda e: e["qa_test_accuracy"])
-    stage2_dir = runs[f"two_stage/stage2_lr{inspected['stage2_lr']:g}"]
+    stage2_dir = runs[_stage2_name(inspected["stage2_lr"], inspected["stage2_weight_decay"])]
     tc = config.trace
     summary = {"mixed": mixed, "two_stage": fairest, "two_stage_sweep": sweep, "two_stage_after_stage1": stage1,
                **mechanisms({"mixed": runs["mixed"], "two_stage": stage2_dir}, os.path.join(workdir, "trace"),
                             num_checkpoints=tc.num_checkpoints, num_people=tc.num_people, top_fraction=tc.top_fraction,
                             chunk_size=tc.chunk_size, seed=config.seed, log=log),
                "wall_seconds": time.perf_counter() - start}
-    summary["trace"]["two_stage"]["stage2_lr"] = inspected["stage2_lr"]
+    summary["trace"]["two_stage"].update({k: inspected[k] for k in ("stage2_lr", "stage2_weight_decay")})
     if not sharding.is_writer():
         return summary
     curves = {"mixed": experiment.read_metrics(os.path.join(runs["mixed"], "metrics.jsonl")),
               "two_stage": [*experiment.read_metrics(os.path.join(runs["two_stage/stage1"], "metrics.jsonl")),
                             *experiment.read_metrics(os.path.join(stage2_dir, "metrics.jsonl"))]}
-    text = report.write(workdir, summary, curves, bio_value_dropout=config.train.bio_value_dropout,
+    tokenized, tokenizer = experiment.load_data(config)
+    mixed_phase = experiment.schedule(experiment.load_config(runs["mixed"]))[0]  # its rows as resolved
+    setting = {"bio_value_dropout": config.train.bio_value_dropout, "qa_loss": config.qa_loss,
+               "qa_token_share": schedules.token_shares(
+                   mixed_phase, schedules.token_tables(tokenized, tokenizer.pad_token_id))["qa"]}
+    summary["setting"] = setting
+    text = report.write(workdir, summary, curves, setting=setting,
                         examples=held_out_examples({"mixed": runs["mixed"], "two-stage": stage2_dir}))
     log(text.split("\n\n")[1])
     return summary

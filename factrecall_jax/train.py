@@ -26,6 +26,8 @@ class TrainState:
 class OptimizerConfig:
     """AdamW with linear warmup, cosine decay to `end_lr_fraction` of the peak, and global-norm clipping.
 
+    decay_fraction: the share of the steps after warmup that the cosine decay spans, at the end; before it the
+      learning rate stays at the peak (warmup-stable-decay). 1.0: cosine from the end of warmup.
     Weight decay applies to matrices only (kernels and embeddings), never to norm scales or biases.
     """
     learning_rate: float = 3e-3
@@ -36,6 +38,7 @@ class OptimizerConfig:
     b2: float = 0.98
     eps: float = 1e-8
     clip_norm: float = 1.0
+    decay_fraction: float = 1.0
 
     def __post_init__(self):
         for name in ("learning_rate", "clip_norm"):
@@ -49,15 +52,23 @@ class OptimizerConfig:
                 raise ValueError(f"optimizer {name}={getattr(self, name)!r} is invalid: expected 0 <= {name} < 1")
         if not self.eps >= 0:
             raise ValueError(f"optimizer eps={self.eps!r} is invalid: expected a number >= 0")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"optimizer decay_fraction={self.decay_fraction!r} is invalid: expected 0 < x <= 1")
         if not 0 <= self.end_lr_fraction <= 1:
             raise ValueError(f"optimizer end_lr_fraction={self.end_lr_fraction!r} is invalid: expected 0..1")
 
 
 def learning_rate_schedule(config: OptimizerConfig, steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to the peak, then cosine decay to `end_lr_fraction` of it at `steps`."""
+    """Linear warmup from 0 to the peak, the peak until the last `decay_fraction` of the steps after warmup, then
+    cosine decay to `end_lr_fraction` of it at `steps`."""
     peak, warmup = config.learning_rate, min(config.warmup_steps, steps)
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(steps, warmup + 1),  # optax needs decay > warmup
-                                              end_value=peak * config.end_lr_fraction)
+    if config.decay_fraction == 1:
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(steps, warmup + 1),  # needs decay > warmup
+                                                  end_value=peak * config.end_lr_fraction)
+    decay = max(1, round((steps - warmup) * config.decay_fraction))
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),  # holds the peak after warmup
+                                 optax.cosine_decay_schedule(peak, decay, alpha=config.end_lr_fraction)],
+                                [steps - decay])
 
 
 def decay_mask(params):

@@ -21,6 +21,8 @@ from factrecall_jax.data import schedules
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory written by launch.train.", required=True)
 _TRACE = flags.DEFINE_string("trace", None, "The run's trace (default: <workdir>/trace.safetensors).")
 _RULE = flags.DEFINE_string("rule", "intersection", f"Which parameters are shared: {' or '.join(analysis.RULES)}.")
+_SCOPE = flags.DEFINE_string("scope", "global", f"Where the top fraction is taken: {' or '.join(analysis.SCOPES)} "
+                             "(within each parameter tensor).")
 _TOP_FRACTION = flags.DEFINE_float("top_fraction", 0.01, "Top fraction of parameters the rule selects from.")
 _DONOR = flags.DEFINE_string("donor", None, "A run of the same data and init whose shared parameters are grafted in.")
 _DONOR_TRACE = flags.DEFINE_string("donor_trace", None, "The donor's trace (default: <donor>/trace.safetensors).")
@@ -51,6 +53,8 @@ def main(_):
     workdir, donor = _WORKDIR.value, _DONOR.value
     if _RULE.value not in analysis.RULES:
         raise ValueError(f"--rule={_RULE.value!r} is invalid: expected one of {', '.join(analysis.RULES)}")
+    if _SCOPE.value not in analysis.SCOPES:
+        raise ValueError(f"--scope={_SCOPE.value!r} is invalid: expected one of {', '.join(analysis.SCOPES)}")
     if not 0 < _TOP_FRACTION.value <= 1:
         raise ValueError(f"--top_fraction={_TOP_FRACTION.value!r} is invalid: expected 0 < top_fraction <= 1")
     if _DONOR_TRACE.value and not donor:
@@ -70,12 +74,12 @@ def main(_):
     config, tokenized, tokenizer, graphdef, params, step = experiment.load_run(workdir)
     result, traced = _load_trace(trace_path, params)
     models, masks, sources = {"run": params}, {}, {"run": (workdir, step, trace_path, traced)}
-    masks["run"] = analysis.shared_parameters(result, _TOP_FRACTION.value, _RULE.value)
+    masks["run"] = analysis.shared_parameters(result, _TOP_FRACTION.value, _RULE.value, _SCOPE.value)
     if donor:
         *_, donor_params, donor_step = experiment.load_run(donor)
         donor_result, donor_traced = _load_trace(donor_trace_path, donor_params)
         models["donor"], masks["donor"] = donor_params, analysis.shared_parameters(
-            donor_result, _TOP_FRACTION.value, _RULE.value)
+            donor_result, _TOP_FRACTION.value, _RULE.value, _SCOPE.value)
         sources["donor"] = (donor, donor_step, donor_trace_path, donor_traced)
     for name, (path, final, trace_file, steps) in sources.items():
         print(f"{name}: {path} at step {final}; trace {trace_file} (steps {steps})")
@@ -85,7 +89,7 @@ def main(_):
                                    config.train.eval_batch_size, sharding.batch_sharding(mesh))
     init_params = nnx.split(experiment.init_model(config, len(tokenizer)), nnx.Param)[1]
     init_params = sharding.shard(init_params, sharding.param_shardings(init_params, mesh))
-    rows = study.intervention_table(models, masks, evaluator, init_params, _SEED.value,
+    rows = study.intervention_table(models, {_SCOPE.value: masks}, evaluator, init_params, _SEED.value,
                                     graft_pairs=(("run", "donor"),) if donor else ())
 
     print(f"{'model':<6} {'intervention':<17} {'mask':<7} {'count':>7} "
@@ -97,8 +101,8 @@ def main(_):
     out = _OUT.value or os.path.join(workdir, "interventions.json")
     report = {name: {"workdir": os.path.abspath(path), "step": final, "trace": os.path.abspath(trace_file),
                      "traced_steps": steps} for name, (path, final, trace_file, steps) in sources.items()}
-    report = {**report, "donor": report.get("donor"), "rule": _RULE.value, "top_fraction": _TOP_FRACTION.value,
-              "seed": _SEED.value, "rows": rows}
+    report = {**report, "donor": report.get("donor"), "rule": _RULE.value, "scope": _SCOPE.value,
+              "top_fraction": _TOP_FRACTION.value, "seed": _SEED.value, "rows": rows}
     if sharding.is_writer():
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out + ".tmp", "w", encoding="utf-8") as f:

@@ -79,12 +79,13 @@ def main(_):
     if sharding.is_writer():
         _write(combined, records, summary, out, summary_path)
 
-    top_k = shared[analysis.RULES[0]]["head_concentration"]["top_k"]
-    print(f"{'rule':<14} {'shared':>8} {'fraction':>9} {'head gini':>10} {f'top-{top_k} heads':>13}")
-    for rule in analysis.RULES:
-        total, heads = shared[rule]["total"], shared[rule]["head_concentration"]
-        print(f"{rule:<14} {total['count']:>8} {total['fraction']:>9.4f} {heads['gini']:>10.3f} "
-              f"{heads['top_k_share']:>13.3f}")
+    top_k = shared[analysis.SCOPES[0]][analysis.RULES[0]]["head_concentration"]["top_k"]
+    print(f"{'scope':<7} {'rule':<14} {'shared':>8} {'fraction':>9} {'head gini':>10} {f'top-{top_k} heads':>13}")
+    for scope in analysis.SCOPES:
+        for rule in analysis.RULES:
+            total, heads = shared[scope][rule]["total"], shared[scope][rule]["head_concentration"]
+            print(f"{scope:<7} {rule:<14} {total['count']:>8} {total['fraction']:>9.4f} {heads['gini']:>10.3f} "
+                  f"{heads['top_k_share']:>13.3f}")
     print(f"mean BIO-QA gradient cosine at step {records[-1]['step']}: "
           f"{records[-1]['gradient_consistency']['mean']:.3f}")
     if sharding.is_writer():

@@ -70,6 +70,32 @@ def test_top_fraction_mask_on_params_keeps_metadata(llama_params):
         [v.get_metadata()["out_sharding"] for v in variables[1]]
 
 
+@pytest.mark.parametrize("fraction", [1e-3, 0.1, 0.5])
+def test_top_fraction_mask_per_tensor_matches_brute_force_per_leaf(fraction):
+    tree = _random_tree(0)
+    mask = analysis.top_fraction_mask(tree, fraction, scope="tensor")
+    for got, leaf in zip(jax.tree.leaves(mask), jax.tree.leaves(tree), strict=True):
+        want = _brute_force([leaf], fraction)[0] if np.size(leaf) else np.zeros(np.shape(leaf), bool)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_top_fraction_mask_per_tensor_ranks_each_layer_of_a_stacked_leaf(llama_params):
+    """A stacked leaf is one tensor per layer: each layer gets its own top fraction, whatever its scale."""
+    scores = jax.tree.map(np.abs, llama_params)
+    scores["layers"]["self_attn"]["v_proj"]["kernel"][0] += 100  # one layer of one tensor above everything
+    variables = jax.tree.leaves(scores, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    mask = analysis.top_fraction_mask(scores, 0.05, scope="tensor")
+    for got, leaf in zip(jax.tree.leaves(mask), variables, strict=True):
+        x, got = np.asarray(leaf.get_value()), np.asarray(got)
+        stacked = leaf.get_metadata()["out_sharding"][0] == "layers"
+        for g, want in zip(*((got, x) if stacked else ([got], [x])), strict=True):
+            np.testing.assert_array_equal(g, _brute_force([want], 0.05)[0])
+            assert g.sum() == max(1, round(0.05 * g.size))  # no ties in random normal draws
+    scaled = analysis.top_fraction_mask(scores, 0.05)["layers"]["self_attn"]["v_proj"]["kernel"]
+    total = sum(x.size for x in jax.tree.leaves(scores))
+    assert np.asarray(scaled)[0].sum() == min(scaled[0].size, round(0.05 * total))  # globally, that layer comes first
+
+
 @pytest.mark.parametrize("fraction, expected", [
     (0.26, [8, 9, 10]),  # k = round(2.6) = 3
     (0.24, [9, 10]),  # k = round(2.4) = 2
@@ -96,6 +122,11 @@ def test_top_fraction_mask_includes_ties_and_never_nonpositive():
 def test_top_fraction_mask_rejects_bad_fraction(fraction):
     with pytest.raises(ValueError, match="fraction"):
         analysis.top_fraction_mask({"a": np.ones(3, np.float32)}, fraction)
+
+
+def test_top_fraction_mask_rejects_unknown_scope():
+    with pytest.raises(ValueError, match="scope='layer'.*global, tensor"):
+        analysis.top_fraction_mask({"a": np.ones(3, np.float32)}, 0.5, scope="layer")
 
 
 # Positions in the tiny Llama: (leaf path, index).

@@ -66,10 +66,12 @@ def test_trace_writes_what_a_direct_trace_computes(run):
         assert got["step"] == want["step"]
         np.testing.assert_allclose(got["mean"], want["gradient_consistency"]["mean"], rtol=1e-5)
     stats = study.shared_statistics(direct, 0.01)[1]
-    assert set(summary["shared"]) == set(analysis.RULES)
-    for rule in analysis.RULES:
-        assert summary["shared"][rule]["total"]["count"] == stats[rule]["total"]["count"]
-        assert f"\n{rule} " in stdout
+    assert set(summary["shared"]) == set(analysis.SCOPES)
+    for scope in analysis.SCOPES:
+        assert set(summary["shared"][scope]) == set(analysis.RULES)
+        for rule in analysis.RULES:
+            assert summary["shared"][scope][rule]["total"]["count"] == stats[scope][rule]["total"]["count"]
+            assert f"\n{scope:<7} {rule} " in stdout
     assert stdout.count("traced step") == 2 and "mean BIO-QA gradient cosine at step 24" in stdout
 
 
@@ -96,7 +98,7 @@ def test_intervene_table(run, tmp_path):
     with open(out, encoding="utf-8") as f:
         report = json.load(f)
     assert (report["run"]["step"], report["donor"]["step"]) == (24, 16)
-    assert report["rule"] == "intersection" and report["top_fraction"] == 0.01
+    assert report["rule"] == "intersection" and report["scope"] == "global" and report["top_fraction"] == 0.01
     rows = report["rows"]
 
     accuracies = {k: v for k, v in final.items() if k.endswith("_accuracy")}
@@ -123,6 +125,7 @@ def test_intervene_table(run, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("--trace={tmp}/none.safetensors",), "python -m launch.trace --workdir="),
     (("--rule=union",), "--rule='union' is invalid"),
+    (("--scope=layer",), "--scope='layer' is invalid: expected one of global, tensor"),
 ])
 def test_intervene_errors_in_one_line(run, tmp_path, args, message):
     done = launch("intervene", f"--workdir={run[0]}", *(a.format(tmp=tmp_path) for a in args),

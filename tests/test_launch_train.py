@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from factrecall_jax import experiment, report
+from factrecall_jax.data import schedules
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--config=configs/default.py:tiny"
@@ -29,7 +30,9 @@ def reproduced(tmp_path_factory):
 def test_reproduce_summary_follows_the_fairest_rule(reproduced):
     workdir, summary, stdout = reproduced
     assert set(summary) >= {"mixed", "two_stage", "two_stage_sweep", "wall_seconds"}
-    assert [e["stage2_lr"] for e in summary["two_stage_sweep"]] == [3e-4, 1e-3]
+    config = experiment.load_config(workdir)
+    assert [(e["stage2_lr"], e["stage2_weight_decay"]) for e in summary["two_stage_sweep"]] == \
+        [(lr, wd) for wd in config.reproduce.stage2_weight_decays for lr in config.reproduce.stage2_learning_rates]
     assert summary["two_stage"] == report.fairest(summary["two_stage_sweep"])
     for entry in [summary["mixed"], *summary["two_stage_sweep"]]:
         assert {"qa_train_accuracy", "qa_test_accuracy", "bio_accuracy", "per_attribute"} <= set(entry)
@@ -58,14 +61,20 @@ def test_reproduce_looks_inside_both_regimes(reproduced):
     assert [c["step"] for c in two_stage] == [8, 16, 24]
     assert [c["learning_rate"] for c in two_stage[:2]] == pytest.approx([float(stage1_lr(7)), float(stage1_lr(15))])
     assert summary["trace"]["two_stage"]["stage2_lr"] in [e["stage2_lr"] for e in summary["two_stage_sweep"]]
-    rows = {(r["model"], r["intervention"], r["mask"]): r for r in summary["interventions"]}
+    rows = {(r["model"], r["intervention"], r["scope"], r["mask"]): r for r in summary["interventions"]}
+    assert len(rows) == len(summary["interventions"]) == 2 + 2 * 10  # none; per scope 4 ablations each, 2 grafts
     for key in ("qa_train_accuracy", "qa_test_accuracy", "bio_accuracy"):
-        assert rows["mixed", "none", "-"][key] == summary["mixed"][key]  # the unablated model is the trained one
-    for model, intervention in [("mixed", "ablate to zero"), ("two_stage", "reset to init"),
-                                ("two_stage", "graft from mixed")]:
-        assert rows[model, intervention, "shared"]["count"] == rows[model, intervention, "random"]["count"] > 0
-    assert rows["two_stage", "graft from mixed", "shared"]["count"] == \
-        summary["trace"]["mixed"]["shared"]["intersection"]["total"]["count"]
+        assert rows["mixed", "none", "-", "-"][key] == summary["mixed"][key]  # the unablated model is the trained one
+    for scope in ("global", "tensor"):
+        for model, intervention in [("mixed", "ablate to zero"), ("two_stage", "reset to init"),
+                                    ("two_stage", "graft from mixed")]:
+            assert rows[model, intervention, scope, "shared"]["count"] == \
+                rows[model, intervention, scope, "random"]["count"] > 0
+        assert rows["two_stage", "graft from mixed", scope, "shared"]["count"] == \
+            summary["trace"]["mixed"]["shared"][scope]["intersection"]["total"]["count"]
+    # ranked within each tensor, every layer's tensors hold shared parameters, not only the largest-gradient ones
+    per_tensor = summary["trace"]["mixed"]["shared"]["tensor"]["intersection"]
+    assert all(layer["count"] > 0 for layer in per_tensor["per_layer"])
     for regime in ("mixed", "two_stage"):
         for split in ("qa_train", "qa_test"):
             assert len(summary["consistency"]["representation"][regime][split]["subject"]) == 3  # embeddings + 2
@@ -94,6 +103,20 @@ def test_reproduce_again_resumes_every_run(reproduced):
         again = json.load(f)
     assert {k: v for k, v in again.items() if k != "wall_seconds"} == \
         {k: v for k, v in summary.items() if k != "wall_seconds"}
+
+
+def test_train_mixes_by_token_share(tmp_path):
+    """mixed.qa_token_share sets the QA rows of a step; config.json holds the rows the run read."""
+    workdir = str(tmp_path / "run")
+    done = launch("train", TINY, f"--workdir={workdir}", "--config.mixed.qa_token_share=0.8",
+                  "--config.mixed.steps=4", "--config.train.eval_every=4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = experiment.load_config(workdir)
+    tokenized, tokenizer = experiment.load_data(config)
+    tables = schedules.token_tables(tokenized, tokenizer.pad_token_id)
+    assert config.mixed.qa_batch == schedules.qa_rows_for_token_share(tables, config.mixed.bio_batch, 0.8) > 8
+    share = schedules.token_shares(experiment.schedule(config)[0], tables)["qa"]
+    assert f"{config.mixed.qa_batch} QA rows ({share:.0%} of the tokens)" in done.stdout and round(share, 1) == 0.8
 
 
 @pytest.mark.parametrize("args, message", [

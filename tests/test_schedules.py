@@ -269,3 +269,21 @@ def test_schedule_builders_validate():
 def test_phase_accepts_numpy_integers():
     phase = schedules.Phase("p", np.int64(10), {"bio": np.int32(4)}, OPT)
     assert phase.steps == 10
+
+
+# ---------------------------------------------------------------- mixing by token share
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5, 0.8, 0.9])
+def test_qa_rows_for_token_share_gives_that_share(tables, share):
+    qa_rows = schedules.qa_rows_for_token_share(tables, 16, share)
+    bio, qa = (tables[split].lengths.mean() for split in ("bio", "qa_train"))
+    assert abs(qa_rows * qa / (qa_rows * qa + 16 * bio) - share) <= qa / (16 * bio)  # within one QA row
+    shares = schedules.token_shares(schedules.mixed(10, 16, qa_rows, OPT)[0], tables)
+    assert shares["qa"] == pytest.approx(qa_rows * qa / (qa_rows * qa + 16 * bio)) and sum(shares.values()) == 1
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0, -0.2])
+def test_qa_rows_for_token_share_rejects_bad_shares(tables, share):
+    with pytest.raises(ValueError, match=f"qa_token_share={share!r} is invalid"):
+        schedules.qa_rows_for_token_share(tables, 16, share)

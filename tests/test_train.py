@@ -253,6 +253,23 @@ def test_learning_rate_schedule_values():
     np.testing.assert_allclose(float(schedule(30)), 2e-4, rtol=1e-5)  # and it stays there
 
 
+def test_learning_rate_schedule_warmup_stable_decay_values():
+    config = train.OptimizerConfig(learning_rate=2e-3, warmup_steps=4, end_lr_fraction=0.1, decay_fraction=0.25)
+    schedule = train.learning_rate_schedule(config, 20)
+    lrs = np.array([float(schedule(s)) for s in range(21)])
+    np.testing.assert_allclose(lrs[:5], 2e-3 * np.arange(5) / 4, rtol=1e-6)  # linear warmup
+    np.testing.assert_allclose(lrs[4:17], 2e-3, rtol=1e-6)  # stable: the last 25% of the 16 steps after warmup decay
+    assert np.all(np.diff(lrs[16:]) < 0)
+    np.testing.assert_allclose(lrs[18], (2e-3 + 2e-4) / 2, rtol=1e-5)  # half-way through the decay
+    np.testing.assert_allclose([lrs[20], float(schedule(30))], 2e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.5])
+def test_optimizer_rejects_bad_decay_fraction(fraction):
+    with pytest.raises(ValueError, match=f"decay_fraction={fraction!r} is invalid"):
+        train.OptimizerConfig(decay_fraction=fraction)
+
+
 @pytest.mark.parametrize("warmup_steps, steps", [(4, 4), (10, 3), (1, 1)])
 def test_learning_rate_schedule_phase_not_longer_than_warmup(warmup_steps, steps):
     """A phase no longer than the warmup (the code clamps the warmup to `steps`) still gets a schedule."""
