@@ -118,7 +118,7 @@ def get_config(preset=None):
         config.data.num_people = 40
         config.model.update(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2)
         config.optimizer.warmup_steps = 4
-        config.mixed.update(steps=24, bio_batch=8, qa_batch=96)
+        config.mixed.update(steps=24, bio_batch=8, qa_batch=8, qa_token_share=0.0)
         config.two_stage.update(stage1_steps=16, bio_batch=8, stage2_steps=8, qa_batch=16)
         config.train.update(steps_per_call=4, eval_every=8, checkpoint_every=8, eval_batch_size=64)
         config.reproduce.update(stage2_learning_rates=(3e-4, 1e-3), stage2_weight_decays=(0.1,))

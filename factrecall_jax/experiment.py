@@ -6,6 +6,7 @@ step) and every step boundary is the same in a resumed run, so resuming gives bi
 """
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -74,11 +75,13 @@ def schedule(config) -> tuple[schedules.Phase, ...]:
 
 
 def resolve_batches(config, tables):
-    """`config` with mixed.qa_batch derived from mixed.qa_token_share when that is set (> 0), so that config.json
-    holds the rows a step reads."""
+    """`config` with mixed.qa_batch derived from mixed.qa_token_share when that is set (> 0), a multiple of the
+    devices a batch is split over, so that config.json holds the rows a step reads."""
     if not config.mixed.qa_token_share:
         return config
-    qa_rows = schedules.qa_rows_for_token_share(tables, config.mixed.bio_batch, config.mixed.qa_token_share)
+    mesh = make_mesh(config)
+    qa_rows = schedules.qa_rows_for_token_share(tables, config.mixed.bio_batch, config.mixed.qa_token_share,
+                                                multiple_of=math.prod(mesh.shape[a] for a in sharding.BATCH_AXES))
     return override(config, **{"mixed.qa_batch": qa_rows})
 
 

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_run_config
 from factrecall_jax import checkpoint, experiment, models, sharding, train, trace
+from factrecall_jax.data import schedules
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 CONFIGS = {"llama_gqa": models.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
@@ -175,3 +176,13 @@ def test_experiment_train_runs_sharded_and_restores_onto_its_mesh(tmp_path):
     assert_trees_close(params[(2, 2, 2)], params[(8, 1, 1)], rtol=1e-5, atol=1e-6)
     q_proj = params[(2, 2, 2)]["layers"]["self_attn"]["q_proj"]["kernel"][...]
     assert len(q_proj.sharding.device_set) == 8 and q_proj.sharding.spec == P(None, "fsdp", "tensor", None)
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2)])
+def test_token_share_rows_split_over_the_batch_devices(mesh):
+    """mixed.qa_token_share picks a QA batch the batch axes (data x fsdp) divide, so the mesh can split it."""
+    config = tiny_run_config(**dict(zip(sharding.MESH_AXES, mesh)))
+    config.mixed.qa_token_share = 0.8
+    tokenized, tokenizer = experiment.load_data(config)
+    resolved = experiment.resolve_batches(config, schedules.token_tables(tokenized, tokenizer.pad_token_id))
+    assert resolved.mixed.qa_batch % (mesh[0] * mesh[1]) == 0 and resolved.mixed.qa_batch > config.mixed.bio_batch

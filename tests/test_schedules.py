@@ -283,6 +283,12 @@ def test_qa_rows_for_token_share_gives_that_share(tables, share):
     assert shares["qa"] == pytest.approx(qa_rows * qa / (qa_rows * qa + 16 * bio)) and sum(shares.values()) == 1
 
 
+@pytest.mark.parametrize("multiple", [2, 8])
+def test_qa_rows_for_token_share_rounds_to_a_multiple_of_the_devices(tables, multiple):
+    rows = schedules.qa_rows_for_token_share(tables, 16, 0.8, multiple_of=multiple)
+    assert rows % multiple == 0 and abs(rows - schedules.qa_rows_for_token_share(tables, 16, 0.8)) <= multiple / 2
+
+
 @pytest.mark.parametrize("share", [0.0, 1.0, -0.2])
 def test_qa_rows_for_token_share_rejects_bad_shares(tables, share):
     with pytest.raises(ValueError, match=f"qa_token_share={share!r} is invalid"):

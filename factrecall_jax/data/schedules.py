@@ -55,14 +55,17 @@ def mixed(steps: int, bio_batch: int, qa_batch: int, optimizer) -> tuple[Phase, 
     return (Phase("mixed", steps, {"bio": bio_batch, "qa": qa_batch}, optimizer),)
 
 
-def qa_rows_for_token_share(tables: Mapping[str, "TokenTable"], bio_rows: int, qa_token_share: float) -> int:
+def qa_rows_for_token_share(tables: Mapping[str, "TokenTable"], bio_rows: int, qa_token_share: float,
+                            multiple_of: int = 1) -> int:
     """QA rows per mixed step that make QA `qa_token_share` of its tokens next to `bio_rows` biographies (by the mean
-    row lengths): Physics 3.1 mixes by tokens (QA 80% of them), and a biography is about three QA pairs long."""
+    row lengths), rounded to a multiple of `multiple_of` (the devices a batch is split over): Physics 3.1 mixes by
+    tokens (QA 80% of them), and a biography is about three QA pairs long."""
     if not 0 < qa_token_share < 1:
         raise ValueError(f"qa_token_share={qa_token_share!r} is invalid: expected 0 < share < 1 (0 in a config: "
                          "use qa_batch as given)")
     bio_tokens = bio_rows * tables[TASK_SPLITS["bio"]].lengths.mean()
-    return max(1, round(bio_tokens * qa_token_share / (1 - qa_token_share) / tables[TASK_SPLITS["qa"]].lengths.mean()))
+    rows = bio_tokens * qa_token_share / (1 - qa_token_share) / tables[TASK_SPLITS["qa"]].lengths.mean()
+    return max(1, round(rows / multiple_of)) * multiple_of
 
 
 def token_shares(phase: Phase, tables: Mapping[str, "TokenTable"]) -> dict[str, float]:
