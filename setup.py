@@ -24,6 +24,7 @@ setup(
         "absl-py",
         "ml_collections",
         "matplotlib",
+        "tensorboardX",
     ],
     # torch is pinned: an unpinned torch pulls the newest CUDA build (several GB); 2.13.0 has a CPU wheel.
     extras_require={"test": ["pytest", "torch==2.13.0"]},

@@ -105,6 +105,11 @@ def get_config(preset=None):
     config.train.checkpoint_every = 500
     # Checkpoints kept per run (0: all; the gradient trace reads several).
     config.train.keep_checkpoints = 0
+    # TensorBoard event files next to metrics.jsonl (the same scalars), to watch a run live.
+    config.train.tensorboard = True
+    # What the backward pass keeps of each layer (models.layers.REMAT_POLICIES): "none" keeps everything (fastest);
+    # "nothing_saveable" recomputes each layer, for models whose activations do not fit (launch.plan measures both).
+    config.train.remat = "none"
 
     # launch.reproduce: stage 2 is forked from one stage-1 run at each of these peak learning rates and weight decays
     # (Physics 3.1's fair two-stage, appendix D, sweeps both and reports the best run).

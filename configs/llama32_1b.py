@@ -10,6 +10,8 @@ paper's exact values. A pretrained model needs no BIO value dropout.
 import importlib.util
 import os
 
+import ml_collections
+
 _spec = importlib.util.spec_from_file_location("default", os.path.join(os.path.dirname(__file__), "default.py"))
 default = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(default)
@@ -21,6 +23,14 @@ def get_config():
     config = default.get_config()
     config.init_from = CHECKPOINT  # a hub id or a local folder with config.json and safetensors
     config.tokenizer = CHECKPOINT
+    # The checkpoint's architecture (its config.json): launch.plan compiles from it without a download, and loading
+    # checks that init_from agrees with it.
+    config.model = ml_collections.ConfigDict(dict(
+        model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                               high_freq_factor=4.0, original_max_position_embeddings=8192),
+        rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001))
     config.dtype = "bfloat16"
     # bioS as Allen-Zhu & Li generate it: five templates per attribute, several biographies per person.
     config.data.num_people = 2000

@@ -19,6 +19,7 @@ def get_config():
     config = pythia_1b.get_config()
     config.init_from = CHECKPOINT
     config.tokenizer = CHECKPOINT
+    config.model.update(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
     config.optimizer.learning_rate = 6e-5
     config.two_stage.stage2_learning_rate = 3e-5
     config.reproduce.stage2_learning_rates = (1.5e-5, 3e-5, 6e-5)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from factrecall_jax import errors
 from factrecall_jax.models.layers import LOGICAL_AXES
 from factrecall_jax.trace import TraceResult
 
@@ -88,9 +89,9 @@ def top_fraction_mask(tree, fraction: float, scope: str = "global"):
       A boolean tree with the structure (and nnx metadata) of `tree`.
     """
     if not 0 < fraction <= 1:
-        raise ValueError(f"fraction={fraction!r} is invalid: expected 0 < fraction <= 1")
+        raise errors.InvalidValue(f"fraction={fraction!r} is invalid: expected 0 < fraction <= 1")
     if scope not in SCOPES:
-        raise ValueError(f"scope={scope!r} is invalid: expected one of {', '.join(SCOPES)}")
+        raise errors.InvalidValue(f"scope={scope!r} is invalid: expected one of {', '.join(SCOPES)}")
     leaves, treedef = jax.tree.flatten(tree)
     if not sum(x.size for x in leaves):
         raise ValueError("top_fraction_mask got a tree with no values")
@@ -132,7 +133,7 @@ def shared_parameters(result: TraceResult, top_fraction: float = 0.01, rule: str
                             top_fraction_mask(result.qa_abs, top_fraction, scope))
     if rule == "cross":
         return top_fraction_mask(result.cross, top_fraction, scope)  # negative values are never selected
-    raise ValueError(f"unknown rule {rule!r}; valid rules: {', '.join(RULES)}")
+    raise errors.InvalidValue(f"unknown rule {rule!r}; valid rules: {', '.join(RULES)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

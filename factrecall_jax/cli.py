@@ -7,8 +7,11 @@ import tempfile
 
 from absl import app, flags, logging
 
-# Errors a user causes (bad config, bad path, bad checkpoint); anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, NotADirectoryError)
+from factrecall_jax import errors
+
+# Errors a user causes (bad config, bad path, bad checkpoint), raised where input is checked (errors.py); anything
+# else, a builtin ValueError from a library included, is a bug and keeps its traceback.
+USER_ERRORS = (errors.UserError,)
 
 
 def _fail(message):
@@ -33,7 +36,7 @@ def run(main):
         try:
             return main(argv)
         except USER_ERRORS as e:
-            _fail(e.args[0] if isinstance(e, KeyError) and e.args else e)
+            _fail(e)
 
     return wrapped
 
@@ -64,7 +67,7 @@ def atomic_output_dir(path, overwrite=False):
     """
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another folder, remove it, or pass --overwrite")
+        raise errors.PathExists(f"{path} already exists; choose another folder, remove it, or pass --overwrite")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
+from factrecall_jax import sharding as sharding_lib
 from factrecall_jax.data import ATTRIBUTES
 from factrecall_jax.data.schedules import TokenTable
 
@@ -30,16 +30,24 @@ def value_hits(graphdef: nnx.GraphDef, params: nnx.State, batch: Mapping[str, ja
     return present_BA, present_BA & jnp.all(hit_BT[..., None] | ~in_value_BTA, axis=1)
 
 
+@functools.lru_cache(maxsize=8)
+def jit_value_hits(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None):
+    """The one jit of the evaluation step, `(params, batch) -> value_hits(...)`; on a `mesh` the batch's rows stay
+    split (activations too) and the results are replicated, so every host of a multi-host mesh reads all rows."""
+    def eval_step(params, batch):
+        return sharding_lib.constrain_replicated(value_hits(graphdef, params, batch))
+
+    return jax.jit(sharding_lib.on_mesh(eval_step, mesh))
+
+
 class Evaluator:
     """Scores every split of a tokenized dataset; the splits live on the device, padded to fixed batches, so each
     evaluation during training is a few jitted calls that never recompile. `sharding` places the batches (e.g.
     sharding.batch_sharding(mesh), rows split like training's); None puts them on the default device."""
 
     def __init__(self, tables: Mapping[str, TokenTable], graphdef: nnx.GraphDef, batch_size: int = 512,
-                 sharding: jax.sharding.Sharding | None = None):
-        # Replicated results: every host of a multi-host mesh reads all rows.
-        replicated = {} if sharding is None else {"out_shardings": jax.sharding.NamedSharding(sharding.mesh, P())}
-        self._hits = jax.jit(lambda params, batch: value_hits(graphdef, params, batch), **replicated)
+                 sharding: jax.sharding.NamedSharding | None = None):
+        self._hits = jit_value_hits(graphdef, None if sharding is None else sharding.mesh)
         self._batches, self._rows = {}, {}
         for split, table in tables.items():
             if not len(table):

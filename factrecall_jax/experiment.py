@@ -18,9 +18,10 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from factrecall_jax import data, evaluate, models, sharding, train as train_lib
+from factrecall_jax import configuration, data, errors, evaluate, models, sharding, train as train_lib
 from factrecall_jax.checkpoint import Checkpoints
 from factrecall_jax.data import schedules
+from factrecall_jax.metrics import MetricsLog
 
 SCHEDULES = ("mixed", "two_stage")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -28,36 +29,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def load_data(config):
     """(tokenized DatasetDict, tokenizer) of a config: built in memory in seconds, the same for the same config."""
-    fields = {f.name for f in dataclasses.fields(data.DatasetConfig)} - {"seed"}  # config.seed is the one seed
-    if unknown := set(config.data) - fields:
-        raise ValueError(f"config.data has fields DatasetConfig does not take: {', '.join(sorted(unknown))}")
     datasets.disable_progress_bars()
-    dataset_dict = data.build_dataset(data.DatasetConfig(seed=config.seed, **config.data))
+    dataset_dict = data.build_dataset(configuration.dataset_config(config))
     tokenizer = data.get_tokenizer(config.tokenizer, dataset_dict)
     return data.tokenize(dataset_dict, tokenizer, qa_loss=config.qa_loss), tokenizer
-
-
-def _dtype(config):
-    if config.dtype not in DTYPES:
-        raise ValueError(f"dtype={config.dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
-    return DTYPES[config.dtype]
-
-
-def init_model(config, vocab_size: int) -> nnx.Module:
-    """The model both regimes start from: `config.init_from` (an HF folder or hub id), else a seeded random init."""
-    if config.init_from:
-        return models.from_pretrained(config.init_from, dtype=_dtype(config))
-    return models.from_config({**config.model.to_dict(), "vocab_size": vocab_size}, seed=config.seed,
-                              dtype=_dtype(config))
-
-
-def abstract_model(config, vocab_size: int) -> nnx.Module:
-    """The model's structure with shapes and dtypes only (no weights read or drawn): a template for restoring."""
-    if config.init_from:
-        model_config = models.hf.read_config(models.hf.resolve(config.init_from))
-    else:
-        model_config = {**config.model.to_dict(), "vocab_size": vocab_size}
-    return nnx.eval_shape(lambda: models.from_config(model_config, dtype=_dtype(config)))
 
 
 def schedule(config) -> tuple[schedules.Phase, ...]:
@@ -71,17 +46,18 @@ def schedule(config) -> tuple[schedules.Phase, ...]:
                                      weight_decay=c.stage2_weight_decay)
         return schedules.two_stage(c.stage1_steps, c.bio_batch, c.stage2_steps, c.qa_batch, optimizer, stage2,
                                    c.fresh_optimizer)
-    raise ValueError(f"schedule={config.schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
+    raise errors.InvalidValue(f"schedule={config.schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
 
 
 def resolve_batches(config, tables):
     """`config` with mixed.qa_batch derived from mixed.qa_token_share when that is set (> 0), a multiple of the
-    devices a batch is split over, so that config.json holds the rows a step reads."""
+    devices a batch is split over and of train.grad_accum_steps, so that config.json holds the rows a step reads."""
     if not config.mixed.qa_token_share:
         return config
     mesh = make_mesh(config)
+    rows = math.lcm(math.prod(mesh.shape[a] for a in sharding.BATCH_AXES), config.train.grad_accum_steps)
     qa_rows = schedules.qa_rows_for_token_share(tables, config.mixed.bio_batch, config.mixed.qa_token_share,
-                                                multiple_of=math.prod(mesh.shape[a] for a in sharding.BATCH_AXES))
+                                                multiple_of=rows)
     return override(config, **{"mixed.qa_batch": qa_rows})
 
 
@@ -103,32 +79,6 @@ def _chunk_ends(start, stop, every):
     return sorted(e for e in ends if start < e <= stop)
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step; reopening drops records a restored checkpoint has not seen.
-    Only process 0 writes (`sharding.is_writer`)."""
-
-    def __init__(self, path: str, resume_step: int):
-        self.path = path if sharding.is_writer() else None
-        if self.path is None:
-            return
-        records = read_metrics(path) if os.path.exists(path) else []
-        kept = [r for r in records if r["step"] <= resume_step]
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(path + ".tmp", path)
-
-    def write(self, record: dict) -> None:
-        if self.path is None:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def read_metrics(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def write_config(config, workdir):
     """Writes the resolved config.json (process 0), or checks that a resumed run has the same one."""
     path = os.path.join(workdir, "config.json")
@@ -136,8 +86,8 @@ def write_config(config, workdir):
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             if f.read() != text:
-                raise ValueError(f"{workdir} holds a run with another config.json; resume with the same config, "
-                                 "or use a new --workdir")
+                raise errors.InvalidValue(f"{workdir} holds a run with another config.json; resume with the same "
+                                          "config, or use a new --workdir")
     elif sharding.is_writer():
         os.makedirs(workdir, exist_ok=True)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -150,85 +100,197 @@ def _format_seconds(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+class Run:
+    """One run's config and what every stage derives from it, built once: the tokenized data and tokenizer, the
+    token tables, the mesh, the model's graphdef and its abstract parameters laid out on the mesh; the evaluator,
+    the initial parameters and any checkpoint's parameters on demand.
+
+    `Run(config)` is a new run's: the config is validated before anything else happens (nothing is written here)
+    and its batch sizes resolved as config.json records them. `Run.load(workdir)` is a trained run's, whose
+    config.json was validated before it was written (and may name a fork's stage-1 folder that is gone since).
+    """
+
+    def __init__(self, config, workdir: str | None = None):
+        if workdir is None:
+            configuration.validate(config)
+        self.workdir = workdir
+        self.tokenized, self.tokenizer = load_data(config)
+        self.tables = schedules.token_tables(self.tokenized, self.tokenizer.pad_token_id)
+        self.config = resolve_batches(config, self.tables)
+        vocab_size = self.model_config()["vocab_size"]
+        if len(self.tokenizer) > vocab_size:  # an id past the embedding reads NaN, and NaN spreads to every logit
+            raise errors.InvalidValue(
+                f"tokenizer={config.tokenizer!r} has {len(self.tokenizer)} tokens, more than the {vocab_size} of the "
+                f"vocabulary of init_from={config.init_from!r}: use the checkpoint's own tokenizer")
+        self.mesh = make_mesh(self.config)
+        self.graphdef, params = nnx.split(nnx.eval_shape(lambda: models.from_config(
+            self.model_config(), dtype=self.dtype, remat=self.config.train.remat)), nnx.Param)
+        self.abstract_params = _placed(params, sharding.param_shardings(params, self.mesh))
+        self._evaluator = None
+
+    @classmethod
+    def load(cls, workdir: str) -> "Run":
+        return cls(load_config(workdir), workdir)
+
+    @property
+    def dtype(self):
+        return DTYPES[self.config.dtype]
+
+    def model_config(self) -> dict:
+        """The architecture: init_from's config.json, else config.model with the tokenizer's vocabulary."""
+        if self.config.init_from:
+            return models.hf.read_config(models.hf.resolve(self.config.init_from))
+        return {**self.config.model.to_dict(), "vocab_size": len(self.tokenizer)}
+
+    def init_params(self) -> nnx.State:
+        """The parameters both regimes start from (`config.init_from`, else a seeded random init), each drawn or read
+        where its shard lives."""
+        kw = dict(dtype=self.dtype, remat=self.config.train.remat, mesh=self.mesh)
+        if self.config.init_from:
+            model = models.from_pretrained(self.config.init_from, **kw)
+        else:
+            model = models.from_config(self.model_config(), seed=self.config.seed, **kw)
+        return nnx.split(model, nnx.Param)[1]
+
+    def init_state(self, params: nnx.State, tx, step: int = 0) -> train_lib.TrainState:
+        """A TrainState of `params` (donated) with fresh optimizer moments, created where their shards live."""
+        like = jax.eval_shape(lambda p: train_lib.init_state(p, tx, step), params)
+        return jax.jit(lambda p: train_lib.init_state(p, tx, step), donate_argnums=0,
+                       out_shardings=sharding.state_shardings(like, self.mesh))(params)
+
+    def abstract_state(self, tx) -> train_lib.TrainState:
+        like = jax.eval_shape(lambda p: train_lib.init_state(p, tx), self.abstract_params)
+        return _placed(like, sharding.state_shardings(like, self.mesh))
+
+    def evaluator(self) -> evaluate.Evaluator:
+        """Scores every split (BIO recall, QA accuracy in and out of distribution), batches split like training's;
+        built once, on first use (its batches live on the devices)."""
+        if self._evaluator is None:
+            self._evaluator = evaluate.Evaluator(self.tables, self.graphdef, self.config.train.eval_batch_size,
+                                                 sharding.batch_sharding(self.mesh))
+        return self._evaluator
+
+    def params(self, step: int | None = None, workdir: str | None = None) -> nnx.State:
+        """The parameters saved at `step` (default: the last) in `workdir` (default: this run's; a fork's stage-1 run
+        has the same model), read alone and laid out on the mesh."""
+        workdir = workdir or self.workdir
+        step = checkpoint_steps(workdir)[-1] if step is None else step
+        checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
+        try:
+            return checkpoints.restore_params(step, self.abstract_params)
+        finally:
+            checkpoints.close()
+
+
+def _placed(tree, shardings):
+    """Abstract arrays of `tree` that carry `shardings`: templates for jitted inits, restores and compiles."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def train(config, workdir: str, *, until_step: int | None = None, log=print) -> dict:
     """Trains `config.schedule` in `workdir`, evaluating every `config.train.eval_every` steps; returns the final
     evaluation. Resumes from the work directory's last checkpoint, or starts a fork from the stage boundary of
     `config.two_stage.fork_from`. `until_step` stops early (a stage-1-only run, or a test's interrupted run).
     """
-    tokenized, tokenizer = load_data(config)
-    tables = schedules.token_tables(tokenized, tokenizer.pad_token_id)
-    config = resolve_batches(config, tables)
-    phases = schedule(config)
-    write_config(config, workdir)
+    run = Run(config)
+    write_config(run.config, workdir)
+    phases = schedule(run.config)
     starts = schedules.phase_starts(phases)
     stop = starts[-1] if until_step is None else min(until_step, starts[-1])
-    graphdef, params = nnx.split(init_model(config, len(tokenizer)), nnx.Param)
-    mesh = make_mesh(config)
-    evaluator = evaluate.Evaluator(tables, graphdef, config.train.eval_batch_size, sharding.batch_sharding(mesh))
-    tc = config.train
-
+    tc = run.config.train
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints or None)
-    state = train_lib.init_state(params, phase_optimizer(phases, 0)[0])
-    state_shardings = sharding.state_shardings(state, mesh)
-    state = sharding.shard(state, state_shardings)
-    if saved := checkpoints.steps():
-        # every phase's optimizer state has one structure, so any phase's serves as the template
-        state = checkpoints.restore(saved[-1], state)
-        log(f"resumed {workdir} at step {saved[-1]}")
-    elif config.schedule == "two_stage" and config.two_stage.fork_from:
-        source = Checkpoints(os.path.join(config.two_stage.fork_from, "checkpoints"), read_only=True)
-        state = source.restore(starts[1], state)
-        log(f"forked stage 2 from {config.two_stage.fork_from} at step {starts[1]}")
-    step = int(state.step)
-    metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), step)
-    if step == 0:
-        metrics_log.write({"step": 0, "eval": evaluator(state.params)})
-
-    window_start, window_tokens = time.perf_counter(), 0
-    run_start, run_steps_start, last_print = time.perf_counter(), step, 0.0
-    for index, phase in enumerate(phases):
-        if step >= min(starts[index + 1], stop):
-            continue
-        tx, lr_fn = phase_optimizer(phases, index)
-        shares = schedules.token_shares(phase, tables)
-        log(f"{phase.name}: " + " + ".join(f"{n} {task.upper()} rows ({shares[task]:.0%} of the tokens)"
-                                           for task, n in sorted(phase.batch_sizes.items())) + " per step")
-        if index > 0 and phase.fresh_optimizer and step == starts[index]:
-            state = sharding.shard(train_lib.init_state(state.params, tx, step), state_shardings)
-        steps_fn = sharding.jit_train_steps(train_lib.make_train_step(
-            graphdef, tx, lr_fn, task_weights=dict(tc.task_weights), grad_accum_steps=tc.grad_accum_steps),
-            state_shardings, sharding.batch_sharding(mesh, stacked=True))
-        phase_stop = min(starts[index + 1], stop)
-        for end in _chunk_ends(step, phase_stop, [tc.steps_per_call, tc.eval_every, tc.checkpoint_every]):
-            batches = schedules.phase_batches(phases, index, step - starts[index], end - starts[index], tables,
-                                              config.seed, tc.bio_value_dropout)
-            window_tokens += sum(int(np.count_nonzero(b["targets"] != tokenizer.pad_token_id)) for b in batches.values())
-            state, metrics = steps_fn(state, _feed(batches, mesh))
-            metrics = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
-            if not np.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"loss is {metrics['loss']} at step {end}; lower the learning rate")
-            step = end
-            record = {"step": step, "phase": phase.name, **metrics}
-            if step % tc.eval_every == 0 or step in starts:
-                record["eval"] = evaluator(state.params)
-            if step % tc.checkpoint_every == 0 or step in starts or step == stop:
-                checkpoints.save(state)
-            metrics_log.write(record)
-            now = time.perf_counter()
-            if "eval" in record or now - last_print >= 10 or step == stop:
-                rate = window_tokens / (now - window_start)
-                eta = (now - run_start) / (step - run_steps_start) * (stop - step)
-                line = (f"{phase.name} step {step}/{stop}  loss {metrics['loss']:.3f}  "
-                        f"{rate / 1000:.1f}k tok/s  ETA {_format_seconds(eta)}")
-                if "eval" in record:
-                    line += "  | " + "  ".join(f"{k.removesuffix('_accuracy')} {v:.3f}"
-                                               for k, v in record["eval"].items() if k.endswith("_accuracy"))
-                log(line)
-                window_start, window_tokens, last_print = now, 0, now
-    checkpoints.close()
-    final = record["eval"] if step > run_steps_start and "eval" in record else evaluator(state.params)
+    try:
+        state = _start(run, phases, checkpoints, log)
+        metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), int(state.step), tensorboard=tc.tensorboard)
+        try:
+            if int(state.step) == 0:
+                metrics_log.write({"step": 0, "eval": run.evaluator()(state.params)})
+            progress, final = _Progress(int(state.step), stop, log), None
+            for index in range(len(phases)):
+                if int(state.step) < min(starts[index + 1], stop):
+                    state, final = _train_phase(run, phases, index, state, stop, checkpoints, metrics_log, progress)
+        finally:
+            metrics_log.close()
+    finally:
+        checkpoints.close()
+    final = final or run.evaluator()(state.params)
     logging.info("final evaluation of %s: %s", workdir, final)
     return final
+
+
+def _start(run: Run, phases, checkpoints: Checkpoints, log) -> train_lib.TrainState:
+    """The state a run continues from: its last checkpoint, a fork's stage boundary, or the initial parameters."""
+    tx = phase_optimizer(phases, 0)[0]  # every phase's optimizer state has one structure: any serves as template
+    if saved := checkpoints.steps():
+        log(f"resumed {run.workdir or 'the run'} at step {saved[-1]}")
+        return checkpoints.restore(saved[-1], run.abstract_state(tx))
+    if run.config.schedule == "two_stage" and run.config.two_stage.fork_from:
+        boundary = schedules.phase_starts(phases)[1]
+        source = Checkpoints(os.path.join(run.config.two_stage.fork_from, "checkpoints"), read_only=True)
+        try:
+            state = source.restore(boundary, run.abstract_state(tx))
+        finally:
+            source.close()
+        log(f"forked stage 2 from {run.config.two_stage.fork_from} at step {boundary}")
+        return state
+    return run.init_state(run.init_params(), tx)
+
+
+class _Progress:
+    """The progress line: throughput over the last window, ETA over the whole session, evaluations when made."""
+
+    def __init__(self, step: int, stop: int, log):
+        self.stop, self.log, self.session_start_step = stop, log, step
+        self.session_start = self.window_start = time.perf_counter()
+        self.window_tokens, self.last_print = 0, 0.0
+
+    def update(self, record: dict, tokens: int) -> None:
+        self.window_tokens += tokens
+        now, step = time.perf_counter(), record["step"]
+        if "eval" not in record and now - self.last_print < 10 and step != self.stop:
+            return
+        rate = self.window_tokens / (now - self.window_start)
+        eta = (now - self.session_start) / (step - self.session_start_step) * (self.stop - step)
+        line = (f"{record['phase']} step {step}/{self.stop}  loss {record['loss']:.3f}  {rate / 1000:.1f}k tok/s  "
+                f"ETA {_format_seconds(eta)}")
+        if "eval" in record:
+            line += "  | " + "  ".join(f"{k.removesuffix('_accuracy')} {v:.3f}"
+                                       for k, v in record["eval"].items() if k.endswith("_accuracy"))
+        self.log(line)
+        self.window_start, self.window_tokens, self.last_print = now, 0, now
+
+
+def _train_phase(run: Run, phases, index, state, stop, checkpoints, metrics_log, progress):
+    """Runs phase `index` from `state` up to its end (or `stop`) in fused calls, evaluating, checkpointing and
+    logging at their boundaries; returns (state, the evaluation of the last call, or None)."""
+    config, phase, tc = run.config, phases[index], run.config.train
+    starts = schedules.phase_starts(phases)
+    tx, lr_fn = phase_optimizer(phases, index)
+    shares = schedules.token_shares(phase, run.tables)
+    progress.log(f"{phase.name}: " + " + ".join(f"{n} {task.upper()} rows ({shares[task]:.0%} of the tokens)"
+                                                for task, n in sorted(phase.batch_sizes.items())) + " per step")
+    step = int(state.step)
+    if index > 0 and phase.fresh_optimizer and step == starts[index]:
+        state = run.init_state(state.params, tx, step)
+    steps_fn = train_lib.jit_steps(train_lib.make_train_step(
+        run.graphdef, tx, lr_fn, task_weights=dict(tc.task_weights), grad_accum_steps=tc.grad_accum_steps), run.mesh)
+    for end in _chunk_ends(step, min(starts[index + 1], stop), [tc.steps_per_call, tc.eval_every, tc.checkpoint_every]):
+        batches = schedules.phase_batches(phases, index, step - starts[index], end - starts[index], run.tables,
+                                          config.seed, tc.bio_value_dropout)
+        state, metrics = steps_fn(state, _feed(batches, run.mesh))
+        metrics = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
+        if not np.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"loss is {metrics['loss']} at step {end}; lower the learning rate")
+        step = end
+        record = {"step": step, "phase": phase.name, **metrics}
+        if step % tc.eval_every == 0 or step in starts:
+            record["eval"] = run.evaluator()(state.params)
+        if step % tc.checkpoint_every == 0 or step in starts or step == stop:
+            checkpoints.save(state)
+        metrics_log.write(record)
+        pad = run.tokenizer.pad_token_id
+        progress.update(record, sum(int(np.count_nonzero(b["targets"] != pad)) for b in batches.values()))
+    return state, record.get("eval")
 
 
 def make_mesh(config) -> jax.sharding.Mesh:
@@ -250,24 +312,9 @@ def load_config(workdir: str):
     """The resolved config.json of a work directory, as a ConfigDict."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: --workdir must be a directory written by launch.train")
+        raise errors.MissingPath(f"{path} does not exist: --workdir must be a directory written by launch.train")
     with open(path, encoding="utf-8") as f:
         return ml_collections.ConfigDict(json.load(f))
-
-
-def load_run(workdir: str, step: int | None = None):
-    """(config, tokenized data, tokenizer, graphdef, params, step) of a trained run; the last checkpoint by default."""
-    config, tokenized, tokenizer, graphdef, params_like = abstract_run(workdir)
-    step = checkpoint_steps(workdir)[-1] if step is None else step
-    return config, tokenized, tokenizer, graphdef, restore_params(workdir, step, config, params_like), step
-
-
-def abstract_run(workdir: str):
-    """(config, tokenized data, tokenizer, graphdef, abstract params) of a work directory: no weights read."""
-    config = load_config(workdir)
-    tokenized, tokenizer = load_data(config)
-    graphdef, params_like = nnx.split(abstract_model(config, len(tokenizer)), nnx.Param)
-    return config, tokenized, tokenizer, graphdef, params_like
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -276,22 +323,8 @@ def checkpoint_steps(workdir: str) -> list[int]:
     saved = checkpoints.steps()
     checkpoints.close()
     if not saved:
-        raise FileNotFoundError(f"{workdir} has no checkpoints yet")
+        raise errors.MissingPath(f"{workdir} has no checkpoints yet")
     return saved
-
-
-def restore_params(workdir: str, step: int, config, params_like: nnx.State) -> nnx.State:
-    """The parameters saved at `step` in `workdir` (params_like: their structure, e.g. abstract), laid out on the
-    mesh of `config`."""
-    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
-    if step not in checkpoints.steps():
-        raise FileNotFoundError(f"{workdir} has no checkpoint at step {step}; it has {checkpoints.steps()}")
-    like = jax.eval_shape(lambda p: train_lib.init_state(p, phase_optimizer(schedule(config), 0)[0]), params_like)
-    like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like,
-                        sharding.state_shardings(like, make_mesh(config)))
-    params = checkpoints.restore(step, like).params
-    checkpoints.close()
-    return params
 
 
 def override(config, **fields):

@@ -11,6 +11,7 @@ and optimizer moment, so XLA gathers a layer's weights where it uses them; tenso
 the heads, key/value heads, MLP and vocabulary dimensions. A mesh axis that does not divide a dimension is dropped
 for that array (it is replicated along that axis instead), so tiny models and odd sizes shard where they can.
 """
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -20,17 +21,19 @@ from flax import nnx
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from factrecall_jax import trace
-from factrecall_jax.train import TrainState
+from factrecall_jax import errors
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# Logical axis name -> mesh axis (a name, a tuple of names, or None: replicated).
+# Logical axis name -> mesh axis (a name, a tuple of names, or None: replicated). Earlier rows pick their mesh axes
+# first. The vocabulary comes before embed and takes fsdp too: an embedding or head split by vocabulary rows is never
+# gathered whole (Llama-3.2-3B's tied [128256, 3072] embedding is 1.5 GB in float32), the logits are computed
+# split by vocabulary, and only the small activations are gathered.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),
+    ("vocab", ("tensor", "fsdp")),
     ("embed", "fsdp"),
-    ("vocab", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
@@ -46,43 +49,46 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.De
     if isinstance(shape, Mapping):
         unknown = set(shape) - set(MESH_AXES)
         if unknown:
-            raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected {MESH_AXES}")
+            raise errors.InvalidValue(f"unknown mesh axes {sorted(unknown)}; expected {MESH_AXES}")
         sizes = [shape.get(axis, 1) for axis in MESH_AXES]
     else:
         sizes = list(shape)
         if len(sizes) != len(MESH_AXES):
-            raise ValueError(f"mesh shape {tuple(sizes)} must have {len(MESH_AXES)} sizes, one per axis {MESH_AXES}")
+            raise errors.InvalidValue(f"mesh shape {tuple(sizes)} must have {len(MESH_AXES)} sizes, one per axis "
+                                      f"{MESH_AXES}")
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh shape {tuple(sizes)} has more than one -1; at most one axis may take the rest")
+        raise errors.InvalidValue(f"mesh shape {tuple(sizes)} has more than one -1; at most one axis may take the rest")
     if any(s != -1 and (not isinstance(s, int) or s <= 0) for s in sizes):
-        raise ValueError(f"mesh shape {tuple(sizes)} is invalid: sizes must be positive integers (or one -1)")
+        raise errors.InvalidValue(f"mesh shape {tuple(sizes)} is invalid: sizes must be positive integers (or one -1)")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"mesh shape {tuple(sizes)}: {len(devices)} devices are not divisible by {known}")
+            raise errors.InvalidValue(f"mesh shape {tuple(sizes)}: {len(devices)} devices are not divisible by {known}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh shape {tuple(sizes)} needs {math.prod(sizes)} devices; there are {len(devices)}")
+        raise errors.InvalidValue(f"mesh shape {tuple(sizes)} needs {math.prod(sizes)} devices; "
+                                  f"there are {len(devices)}")
     return Mesh(mesh_utils.create_device_mesh(sizes, devices), MESH_AXES)
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=RULES) -> P:
     """The PartitionSpec of an array of `shape` whose axes have logical `names`.
 
-    A mesh axis is used at most once per spec (first dimension wins) and only where it divides the dimension (with
-    the mesh axes already kept for that dimension); otherwise that dimension is replicated along it.
+    A mesh axis is used at most once per spec (the dimension whose rule comes first in `rules` wins) and only where
+    it divides the dimension (with the mesh axes already kept for that dimension); otherwise that dimension is
+    replicated along it.
     """
     if len(names) != len(shape):
         raise ValueError(f"{len(names)} axis names {tuple(names)} for an array of shape {tuple(shape)}")
-    table, used, spec = dict(rules), set(), []
-    for name, size in zip(names, shape):
-        target = table.get(name) if name is not None else None
-        kept = []
-        for axis in (target,) if isinstance(target, str) else (target or ()):
-            if axis not in used and size % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]) == 0:
+    table, priority = dict(rules), {name: i for i, (name, _) in enumerate(rules)}
+    used, spec = set(), [None] * len(shape)
+    for dim in sorted((d for d, name in enumerate(names) if table.get(name)), key=lambda d: priority[names[d]]):
+        target, kept = table[names[dim]], []
+        for axis in (target,) if isinstance(target, str) else target:
+            if axis not in used and shape[dim] % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]) == 0:
                 kept.append(axis)
         used.update(kept)
-        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+        spec[dim] = None if not kept else kept[0] if len(kept) == 1 else tuple(kept)
     return P(*spec)
 
 
@@ -106,11 +112,67 @@ def param_shardings(params: nnx.State, mesh: Mesh, rules=RULES) -> nnx.State:
     return _sharded_by_name(params, mesh, rules)
 
 
-def state_shardings(state: TrainState, mesh: Mesh, rules=RULES) -> TrainState:
-    """A TrainState of NamedShardings: parameters by name, and so are optax's moments (mu, nu), because optax builds
+def state_shardings(state, mesh: Mesh, rules=RULES):
+    """A train.TrainState of NamedShardings: parameters by name, and so are optax's moments (mu, nu): optax builds
     them with tree maps over the params, which keep each Param wrapper and its axis names. Every other leaf (step,
     optimizer counts) is a scalar and replicated. Works on arrays or `jax.eval_shape` output."""
     return _sharded_by_name(state, mesh, rules)
+
+
+def constrain_rows(x: jax.Array, axis: int = 0) -> jax.Array:
+    """`x` with its rows (`axis`) split over the batch axes of the ambient mesh (`jax.sharding.use_abstract_mesh`);
+    unchanged without one, or where the axes do not divide the rows (a single example under vmap).
+
+    The models call this on the residual stream entering every layer. Without it XLA meets FSDP's conflict (rows and
+    the weights' embed dimension both split over fsdp) by gathering the rows, so every device computes the whole
+    batch: for Llama-3.2-3B on fsdp 8 that was 8x the activations, 37 GiB of temporaries per device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or x.shape[axis] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(*(None,) * axis, axes))
+
+
+def constrain_by_name(tree, rules=RULES):
+    """`tree` with every nnx.Variable that carries axis names laid out by them on the ambient mesh (as
+    `param_shardings` would place it); unchanged without a mesh. Inside a jitted step this fixes the layout of what
+    the step creates (new parameters and moments, parameter-shaped sums) without passing shardings around."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.axis_names:
+        return tree
+
+    def one(x):
+        names = x.get_metadata().get("out_sharding") if isinstance(x, nnx.Variable) else None
+        if names is None:
+            return x
+        return x.replace(jax.lax.with_sharding_constraint(x[...], logical_to_spec(names, x.shape, mesh, rules)))
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def constrain_replicated(tree):
+    """`tree` whole on every device of the ambient mesh (small results every host reads); unchanged without one."""
+    if not jax.sharding.get_abstract_mesh().axis_names:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, P()), tree)
+
+
+def on_mesh(fn, mesh: Mesh | None):
+    """`fn` traced with `mesh` as the ambient mesh of `constrain_rows` and `constrain_by_name` (None: as it is)."""
+    if mesh is None:
+        return fn
+
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return functools.wraps(fn)(wrapped)
+
+
+def batch_devices(mesh: Mesh) -> int:
+    """How many ways a batch's rows are split: data x fsdp."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
@@ -122,29 +184,6 @@ def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
 def shard(tree, shardings):
     """`tree` placed with `shardings` (a tree like it, or a prefix of it, such as one sharding for a whole batch)."""
     return jax.device_put(tree, shardings)
-
-
-def jit_train_steps(train_step, state_shardings: TrainState, stacked_batch_sharding: NamedSharding):
-    """`train.jit_steps` with explicit layouts: K steps in one call (`lax.scan`), state donated and kept in
-    `state_shardings`; batches [K, B, T] in `stacked_batch_sharding`; metrics [K] replicated."""
-    metrics_sharding = replicated(stacked_batch_sharding.mesh)
-    return jax.jit(lambda state, batches: jax.lax.scan(train_step, state, batches), donate_argnums=0,
-                   in_shardings=(state_shardings, stacked_batch_sharding),
-                   out_shardings=(state_shardings, metrics_sharding))
-
-
-def jit_trace(per_example_loss, param_shardings: nnx.State, *, method: str = "lean", chunk_size: int = 16):
-    """`(params, bio_batch, qa_batch) -> TraceResult` of `trace.cross_task_trace` with the parameters and the three
-    parameter-shaped sums (bio_abs, qa_abs, cross) laid out in `param_shardings`.
-
-    The pair batches and the per-pair outputs are replicated: the trace scans over chunks of pairs, so splitting the
-    pair axis would not spread the work, and they are small next to the parameters.
-    """
-    rep = replicated(jax.tree.leaves(param_shardings)[0].mesh)
-    out = trace.TraceResult(param_shardings, param_shardings, param_shardings, rep, rep, rep, rep, rep, rep)
-    return jax.jit(lambda params, bio, qa: trace.cross_task_trace(per_example_loss, params, bio, qa, method=method,
-                                                                  chunk_size=chunk_size),
-                   in_shardings=(param_shardings, rep, rep), out_shardings=out)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

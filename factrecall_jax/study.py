@@ -12,7 +12,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from factrecall_jax import analysis, evaluate, experiment, interventions, report, representations, sharding, trace
+from factrecall_jax import (analysis, configuration, errors, evaluate, experiment, interventions, metrics, report,
+                            representations, sharding, trace)
 from factrecall_jax.data import pairs as pairs_lib, schedules
 
 
@@ -30,12 +31,12 @@ def checkpoint_plan(workdir: str, num_checkpoints: int) -> list[dict]:
     Step 0 (the init) is left out: no update produced it.
     """
     if num_checkpoints < 1:
-        raise ValueError(f"num_checkpoints={num_checkpoints} is invalid: expected at least 1")
+        raise errors.InvalidValue(f"num_checkpoints={num_checkpoints} is invalid: expected at least 1")
     config = experiment.load_config(workdir)
     where = {step: d for d in run_dirs(workdir) for step in experiment.checkpoint_steps(d) if step > 0}
     steps = sorted(where)
     if not steps:
-        raise FileNotFoundError(f"{workdir} has no checkpoint after step 0")
+        raise errors.MissingPath(f"{workdir} has no checkpoint after step 0")
     picks = sorted({steps[int(round(i))] for i in np.linspace(len(steps) - 1, 0, num_checkpoints)})
     phases = experiment.schedule(config)
     starts = schedules.phase_starts(phases)
@@ -47,17 +48,19 @@ def checkpoint_plan(workdir: str, num_checkpoints: int) -> list[dict]:
     return plan
 
 
-def trace_run(workdir: str, fact_pairs: dict, *, num_checkpoints: int = 5, chunk_size: int = 32, log=print):
-    """TracInCP over `checkpoint_plan`: (sum_c lr_c * trace_c, [per checkpoint: step, lr, gradient consistency],
-    the last checkpoint's own trace). fact_pairs: from data.pairs.fact_pairs."""
-    config, tokenized, tokenizer, graphdef, params_like = experiment.abstract_run(workdir)
+def trace_run(run: experiment.Run, fact_pairs: dict, *, workdir: str | None = None, num_checkpoints: int = 5,
+              chunk_size: int = 32, log=print):
+    """TracInCP over `checkpoint_plan` of `workdir` (default: the experiment.Run's own; any run of the same model):
+    (sum_c lr_c * trace_c, [per checkpoint: step, lr, gradient consistency], the last checkpoint's own trace).
+    fact_pairs: from data.pairs.fact_pairs."""
+    workdir = workdir or run.workdir
     plan = checkpoint_plan(workdir, num_checkpoints)
-    loss, combined, records = None, None, []
+    loss, combined, records = trace.lm_loss(run.graphdef, run.abstract_params), None, []
     for entry in plan:
         start = time.perf_counter()
-        params = experiment.restore_params(entry["dir"], entry["step"], config, params_like)
-        loss = loss or trace.lm_loss(graphdef, params)
-        result = trace.cross_task_trace(loss, params, fact_pairs["bio"], fact_pairs["qa"], chunk_size=chunk_size)
+        params = run.params(entry["step"], entry["dir"])
+        result = trace.cross_task_trace(loss, params, fact_pairs["bio"], fact_pairs["qa"], chunk_size=chunk_size,
+                                        mesh=run.mesh)
         weighted = trace.combine([result], [entry["learning_rate"]])
         combined = weighted if combined is None else trace.combine([combined, weighted], [1.0, 1.0])
         consistency = analysis.gradient_consistency(result, {"attribute": fact_pairs["attribute"]})
@@ -136,17 +139,14 @@ def mechanisms(runs: dict[str, str], out_dir: str, *, num_checkpoints: int, num_
                chunk_size: int, seed: int, log=print) -> dict:
     """The main job's second half for {regime: final work directory}: trace, shared parameters, interventions and
     consistency. Writes `out_dir/<regime>.safetensors` (the combined traces); returns the summary's sections."""
-    config, tokenized, tokenizer, graphdef, params_like = experiment.abstract_run(next(iter(runs.values())))
-    pairs = {split: pairs_lib.fact_pairs(tokenized, tokenizer.pad_token_id, split, num_people, seed)
+    run = experiment.Run.load(next(iter(runs.values())))  # the regimes share the data and the model
+    pairs = {split: pairs_lib.fact_pairs(run.tokenized, run.tokenizer.pad_token_id, split, num_people, seed)
              for split in ("qa_train", "qa_test")}
-    mesh = experiment.make_mesh(config)
-    evaluator = evaluate.Evaluator(schedules.token_tables(tokenized, tokenizer.pad_token_id), graphdef,
-                                   config.train.eval_batch_size, sharding.batch_sharding(mesh))
     os.makedirs(out_dir, exist_ok=True)
     trace_summary, consistency, masks, finals = {}, {"gradient": {}, "representation": {}}, {}, {}
     for regime, workdir in runs.items():
         log(f"== trace: {regime}")
-        combined, records, last = trace_run(workdir, pairs["qa_train"], num_checkpoints=num_checkpoints,
+        combined, records, last = trace_run(run, pairs["qa_train"], workdir=workdir, num_checkpoints=num_checkpoints,
                                             chunk_size=chunk_size, log=log)
         save_trace(combined, records, os.path.join(out_dir, f"{regime}.safetensors"))
         regime_masks, stats = shared_statistics(combined, top_fraction)
@@ -155,36 +155,34 @@ def mechanisms(runs: dict[str, str], out_dir: str, *, num_checkpoints: int, num_
         trace_summary[regime] = {"checkpoints": [{k: r[k] for k in ("step", "learning_rate")} for r in records],
                                  "top_fraction": top_fraction, "shared": stats}
         final_step = records[-1]["step"]
-        params = finals[regime] = experiment.restore_params(workdir, final_step, config, params_like)
-        held_out = trace.cross_task_trace(trace.lm_loss(graphdef, params), params, pairs["qa_test"]["bio"],
-                                          pairs["qa_test"]["qa"], chunk_size=chunk_size)
+        params = finals[regime] = run.params(final_step, workdir)
+        held_out = trace.cross_task_trace(trace.lm_loss(run.graphdef, params), params, pairs["qa_test"]["bio"],
+                                          pairs["qa_test"]["qa"], chunk_size=chunk_size, mesh=run.mesh)
         consistency["gradient"][regime] = {
             "step": final_step,
             "qa_train": analysis.gradient_consistency(last, {"attribute": pairs["qa_train"]["attribute"]}),
             "qa_test": analysis.gradient_consistency(held_out, {"attribute": pairs["qa_test"]["attribute"]}),
             "per_checkpoint": [{"step": r["step"], "mean": r["gradient_consistency"]["mean"]} for r in records]}
         consistency["representation"][regime] = {
-            split: representations.representation_consistency(graphdef, params, p) for split, p in pairs.items()}
+            split: representations.representation_consistency(run.graphdef, params, p) for split, p in pairs.items()}
     log("== interventions")
-    init_params = nnx.split(experiment.init_model(config, len(tokenizer)), nnx.Param)[1]
-    init_params = sharding.shard(init_params, sharding.param_shardings(init_params, mesh))
     graft_pairs = (("two_stage", "mixed"),) if {"two_stage", "mixed"} <= set(runs) else ()
-    table = intervention_table(finals, masks, evaluator, init_params, seed, graft_pairs)
+    table = intervention_table(finals, masks, run.evaluator(), run.init_params(), seed, graft_pairs)
     return {"trace": trace_summary, "interventions": table, "consistency": consistency}
 
 
-def held_out_examples(run_dirs: dict[str, str], person_index: int = 0) -> str:
-    """A markdown table: each run's greedy answers to the questions about one held-out person."""
-    answers = {}
+def held_out_examples(run: experiment.Run, run_dirs: dict[str, str], person_index: int = 0) -> str:
+    """A markdown table: each run's (of the model and data of `run`) greedy answers to the questions about one
+    held-out person."""
+    answers, tokenized, tokenizer = {}, run.tokenized, run.tokenizer
     for name, run_dir in run_dirs.items():
-        _, tokenized, tokenizer, graphdef, params, _ = experiment.load_run(run_dir)
         split = tokenized["qa_test"]
         person = sorted(set(split["person_id"]))[person_index]
         rows = split.filter(lambda r: r["person_id"] == person).to_dict()
         prompts = [ids[:next(i for i, v in enumerate(values) if v >= 0)]  # up to the answer's first token
                    for ids, values in zip(rows["input_ids"], rows["value_attribute_ids"])]
-        generated = evaluate.generate(graphdef, params, prompts, max(map(len, rows["input_ids"])),
-                                      tokenizer.pad_token_id).tolist()
+        generated = evaluate.generate(run.graphdef, run.params(workdir=run_dir), prompts,
+                                      max(map(len, rows["input_ids"])), tokenizer.pad_token_id).tolist()
         eos = tokenizer.eos_token_id
         answers[name] = [tokenizer.decode(g[:g.index(eos)] if eos in g else g, skip_special_tokens=True).strip()
                          for g in generated]
@@ -204,6 +202,7 @@ def reproduce(config, workdir: str, log=print) -> dict:
     run (study.mechanisms); then summary.json, report.md and figures in `workdir` (from process 0). Started again,
     every run resumes."""
     start = time.perf_counter()
+    configuration.validate(config, "reproduce")  # before the work directory exists
     experiment.write_config(config, workdir)
     runs = {}
 
@@ -236,16 +235,15 @@ def reproduce(config, workdir: str, log=print) -> dict:
     summary["trace"]["two_stage"].update({k: inspected[k] for k in ("stage2_lr", "stage2_weight_decay")})
     if not sharding.is_writer():
         return summary
-    curves = {"mixed": experiment.read_metrics(os.path.join(runs["mixed"], "metrics.jsonl")),
-              "two_stage": [*experiment.read_metrics(os.path.join(runs["two_stage/stage1"], "metrics.jsonl")),
-                            *experiment.read_metrics(os.path.join(stage2_dir, "metrics.jsonl"))]}
-    tokenized, tokenizer = experiment.load_data(config)
-    mixed_phase = experiment.schedule(experiment.load_config(runs["mixed"]))[0]  # its rows as resolved
+    curves = {"mixed": metrics.read_metrics(os.path.join(runs["mixed"], "metrics.jsonl")),
+              "two_stage": [*metrics.read_metrics(os.path.join(runs["two_stage/stage1"], "metrics.jsonl")),
+                            *metrics.read_metrics(os.path.join(stage2_dir, "metrics.jsonl"))]}
+    mixed_run = experiment.Run.load(runs["mixed"])
     setting = {"bio_value_dropout": config.train.bio_value_dropout, "qa_loss": config.qa_loss,
-               "qa_token_share": schedules.token_shares(
-                   mixed_phase, schedules.token_tables(tokenized, tokenizer.pad_token_id))["qa"]}
+               "qa_token_share": schedules.token_shares(experiment.schedule(mixed_run.config)[0],  # rows as resolved
+                                                        mixed_run.tables)["qa"]}
     summary["setting"] = setting
     text = report.write(workdir, summary, curves, setting=setting,
-                        examples=held_out_examples({"mixed": runs["mixed"], "two-stage": stage2_dir}))
+                        examples=held_out_examples(mixed_run, {"mixed": runs["mixed"], "two-stage": stage2_dir}))
     log(text.split("\n\n")[1])
     return summary

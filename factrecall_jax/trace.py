@@ -22,6 +22,8 @@ import safetensors
 import safetensors.numpy
 from flax import nnx
 
+from factrecall_jax import errors, sharding
+
 STACKED_KEY = "layers"
 
 
@@ -140,21 +142,25 @@ def _pair_sums(bio_CX, qa_CX, valid_C, dtype, stacked):
     return sums, (*totals, *layers)
 
 
-def _whole_model_chunk(loss, params, bio_C, qa_C, valid_C, dtype):
-    """A chunk's contraction from whole-model per-example gradients, for a loss with no stages."""
+def _whole_model_chunk(loss, params, acc, bio_C, qa_C, valid_C, dtype):
+    """`acc` (the three sums, lists of leaves) plus a chunk's contraction from whole-model per-example gradients,
+    for a loss with no stages; and the chunk's per-pair sums."""
     grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))
     stacked = [_is_stacked(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    return _pair_sums(jax.tree.leaves(grads(params, bio_C)), jax.tree.leaves(grads(params, qa_C)), valid_C, dtype,
-                      stacked)
+    sums, pairs = _pair_sums(jax.tree.leaves(grads(params, bio_C)), jax.tree.leaves(grads(params, qa_C)), valid_C,
+                             dtype, stacked)
+    return jax.tree.map(jnp.add, acc, sums), pairs
 
 
-def _staged_chunk(loss: StackedLoss, params, bio_C, qa_C, valid_C, dtype):
-    """A chunk's contraction one layer at a time: per-example gradients exist for one layer of C pairs at once.
+def _staged_chunk(loss: StackedLoss, params, acc, bio_C, qa_C, valid_C, dtype):
+    """`acc` plus a chunk's contraction one layer at a time: per-example gradients exist for one layer of C pairs at
+    once.
 
     Forward: each example's layer inputs are kept (as a training step keeps activations). Backward: a scan over the
-    layers from the top pulls each example's cotangent through layer l and contracts layer l's per-example gradients
-    at once. The vocabulary-sized embedding and head are contracted one pair at a time, from the cotangent that
-    reaches the embeddings and the last layer's output.
+    layers from the top pulls each example's cotangent through layer l, contracts layer l's per-example gradients at
+    once and adds them into slice l of the sums, in place (a fresh [L, ...] array per chunk would be a second copy
+    of the three parameter-sized sums). The vocabulary-sized embedding and head are contracted one pair at a time,
+    from the cotangent that reaches the embeddings and the last layer's output.
     """
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     stacked = [_is_stacked(path) for path, _ in path_leaves]
@@ -182,15 +188,21 @@ def _staged_chunk(loss: StackedLoss, params, bio_C, qa_C, valid_C, dtype):
             return jax.vjp(lambda p, x: loss.layer(p, x, args), layer_params, x)[1](dx)
         return jax.vmap(one)(x_C, args_C, dx_C)
 
-    def backward(dx, xs):
-        layer_params, bio_x, qa_x = xs
-        (bio_g, bio_dx), (qa_g, qa_dx) = (layer_grads(layer_params, bio_x, bio_args, dx[0]),
-                                          layer_grads(layer_params, qa_x, qa_args, dx[1]))
-        return (bio_dx, qa_dx), _contract(jax.tree.leaves(bio_g), jax.tree.leaves(qa_g), valid_C, dtype, False)
+    def backward(carry, xs):
+        (bio_dx, qa_dx), layer_acc = carry
+        index, layer_params, bio_x, qa_x = xs
+        (bio_g, bio_dx), (qa_g, qa_dx) = (layer_grads(layer_params, bio_x, bio_args, bio_dx),
+                                          layer_grads(layer_params, qa_x, qa_args, qa_dx))
+        sums, pairs = _contract(jax.tree.leaves(bio_g), jax.tree.leaves(qa_g), valid_C, dtype, False)
+        layer_acc = tuple([a.at[index].add(x) for a, x in zip(a_i, s_i)] for a_i, s_i in zip(layer_acc, sums))
+        return ((bio_dx, qa_dx), layer_acc), pairs
 
+    pick = lambda leaves, keep: [x for x, s in zip(leaves, stacked) if s == keep]  # noqa: E731
     layer_axis_first = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731  [C, L, ...] -> [L, C, ...]
-    (bio_dx0, qa_dx0), (layer_sums, layer_pairs) = jax.lax.scan(
-        backward, (bio_dx, qa_dx), (layers, layer_axis_first(bio_inputs), layer_axis_first(qa_inputs)), reverse=True)
+    num_layers = jax.tree.leaves(layers)[0].shape[0]
+    ((bio_dx0, qa_dx0), layer_sums), layer_pairs = jax.lax.scan(
+        backward, ((bio_dx, qa_dx), tuple(pick(a, True) for a in acc)),
+        (jnp.arange(num_layers), layers, layer_axis_first(bio_inputs), layer_axis_first(qa_inputs)), reverse=True)
 
     def outer_grad(example, x_last, dx0):
         def direct(outer_leaves):  # the head's own dependence plus the embeddings' share of the layers' gradient
@@ -205,9 +217,8 @@ def _staged_chunk(loss: StackedLoss, params, bio_C, qa_C, valid_C, dtype):
                                 [g[None] for g in outer_grad(qa_ex, q_last, q_dx0)], valid[None], dtype, False)
         return jax.tree.map(jnp.add, acc, sums), jax.tree.map(lambda x: x[0], pairs)
 
-    zeros = tuple([jnp.zeros(x.shape, dtype) for x in outer] for _ in range(3))
     outer_sums, outer_pairs = jax.lax.scan(
-        per_pair, zeros, (bio_C, bio_last, bio_dx0, qa_C, qa_last, qa_dx0, valid_C))
+        per_pair, tuple(pick(a, False) for a in acc), (bio_C, bio_last, bio_dx0, qa_C, qa_last, qa_dx0, valid_C))
 
     def merged(outer_leaves, layer_leaves):
         it_outer, it_layer = iter(outer_leaves), iter(layer_leaves)
@@ -219,7 +230,6 @@ def _staged_chunk(loss: StackedLoss, params, bio_C, qa_C, valid_C, dtype):
     return sums, (*totals, *layer_pairs_CL)
 
 
-@functools.partial(jax.jit, static_argnames=("loss", "method", "chunk_size", "dtype"))
 def _trace(loss, params, bio_batch, qa_batch, method, chunk_size, dtype):
     n = jax.tree.leaves(bio_batch)[0].shape[0]
     if method == "reference":
@@ -231,26 +241,44 @@ def _trace(loss, params, bio_batch, qa_batch, method, chunk_size, dtype):
     index = jnp.arange(num_chunks * chunk_size)
     valid = (index < n).reshape(num_chunks, chunk_size)
 
-    def chunks(batch):  # pad with repeats of real pairs (masked out by `valid`) to whole chunks
-        return jax.tree.map(lambda x: x[index % n].reshape(num_chunks, chunk_size, *x.shape[1:]), batch)
+    def chunks(batch):  # pad with repeats of real pairs (masked out by `valid`) to whole chunks, split over devices
+        return jax.tree.map(lambda x: sharding.constrain_rows(
+            x[index % n].reshape(num_chunks, chunk_size, *x.shape[1:]), axis=1), batch)
+
+    treedef = jax.tree.structure(params)
+
+    def by_name(leaves):
+        return jax.tree.leaves(sharding.constrain_by_name(jax.tree.unflatten(treedef, leaves)))
 
     def body(acc, xs):
-        sums, pairs = chunk_fn(loss, params, *xs, dtype)
-        return jax.tree.map(jnp.add, acc, sums), pairs
+        acc, pairs = chunk_fn(loss, params, acc, *xs, dtype)
+        return tuple(by_name(a) for a in acc), pairs
 
-    leaves = jax.tree.leaves(params)
-    zeros = tuple([jnp.zeros(x.shape, dtype) for x in leaves] for _ in range(3))
-    sums, pairs = jax.lax.scan(body, zeros, (chunks(bio_batch), chunks(qa_batch), valid))
-    trees = [jax.tree.unflatten(jax.tree.structure(params), s) for s in sums]
+    zeros = tuple(by_name([jnp.zeros(x.shape, dtype) for x in jax.tree.leaves(params)]) for _ in range(3))
+    sums, pairs = jax.lax.scan(body, zeros, (chunks(bio_batch), chunks(qa_batch), sharding.constrain_rows(valid, 1)))
     pairs = [x.reshape(num_chunks * chunk_size, *x.shape[2:])[:n] for x in pairs]
-    return TraceResult(*trees, *pairs)
+    return TraceResult(*(jax.tree.unflatten(treedef, s) for s in sums), *sharding.constrain_replicated(pairs))
+
+
+@functools.lru_cache(maxsize=16)
+def jit_trace(per_example_loss: Callable, *, method: str = "lean", chunk_size: int = 16, dtype=jnp.float32,
+              mesh: jax.sharding.Mesh | None = None):
+    """The one jit of the trace: `(params, bio_batch, qa_batch) -> TraceResult` (see `cross_task_trace`, which
+    checks its arguments and calls this; launch.plan lowers it). On a `mesh` the parameters stay where they are
+    (laid out by name), every chunk's pairs are split over the batch axes (each device traces its share of every
+    chunk; the sums are reduced), the three parameter-shaped sums are laid out like the parameters and the per-pair
+    arrays are replicated. The same arguments give the same compiled function."""
+    def cross_task(params, bio_batch, qa_batch):
+        return _trace(per_example_loss, params, bio_batch, qa_batch, method, chunk_size, jnp.dtype(dtype))
+
+    return jax.jit(sharding.on_mesh(cross_task, mesh))
 
 
 METHODS = ("lean", "reference")
 
 
 def cross_task_trace(per_example_loss: Callable, params: nnx.State, bio_batch, qa_batch, *, method: str = "lean",
-                     chunk_size: int = 16, dtype=jnp.float32) -> TraceResult:
+                     chunk_size: int = 16, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None) -> TraceResult:
     """The cross-task contraction of paired per-example gradients (module docstring), jitted.
 
     Args:
@@ -263,15 +291,21 @@ def cross_task_trace(per_example_loss: Callable, params: nnx.State, bio_batch, q
         pairs, then the contraction (memory grows with n x parameters; for tests and small models).
       chunk_size: pairs per chunk in the lean path; n need not be a multiple.
       dtype: the dtype of the contraction and its sums (float32 by default).
+      mesh: the device mesh the parameters are laid out on (`sharding.param_shardings`); each chunk's pairs are
+        split over its batch axes, so chunk_size must be a multiple of their size. None: one device.
     """
     if method not in METHODS:
-        raise ValueError(f"method={method!r} is invalid: expected one of {', '.join(METHODS)}")
+        raise errors.InvalidValue(f"method={method!r} is invalid: expected one of {', '.join(METHODS)}")
     if not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(f"chunk_size={chunk_size!r} is invalid: expected a positive integer")
+        raise errors.InvalidValue(f"chunk_size={chunk_size!r} is invalid: expected a positive integer")
     sizes = {x.shape[0] for x in jax.tree.leaves((bio_batch, qa_batch))}
     if len(sizes) != 1 or 0 in sizes:
         raise ValueError(f"bio_batch and qa_batch must share one non-zero leading pair axis; got sizes {sorted(sizes)}")
-    return _trace(per_example_loss, params, bio_batch, qa_batch, method, chunk_size, jnp.dtype(dtype))
+    if mesh is not None and method == "lean" and chunk_size % (split := sharding.batch_devices(mesh)):
+        raise errors.InvalidValue(f"chunk_size={chunk_size} is invalid on a mesh whose batch axes span {split} "
+                                  f"devices: expected a multiple of {split}")
+    return jit_trace(per_example_loss, method=method, chunk_size=chunk_size, dtype=jnp.dtype(dtype),
+                     mesh=mesh)(params, bio_batch, qa_batch)
 
 
 def combine(results: Sequence[TraceResult], weights: Sequence[float]) -> TraceResult:
@@ -309,7 +343,7 @@ def load(path: str, params_like) -> tuple[TraceResult, dict[str, str]]:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except safetensors.SafetensorError as e:
-        raise ValueError(f"{path} is not a trace written by trace.save: {e}") from e
+        raise errors.InvalidValue(f"{path} is not a trace written by trace.save: {e}") from e
     leaves = jax.tree_util.tree_flatten_with_path(params_like)[0]
     paths = [_path_name(key_path) for key_path, _ in leaves]
     treedef = jax.tree.structure(params_like)
@@ -318,12 +352,16 @@ def load(path: str, params_like) -> tuple[TraceResult, dict[str, str]]:
         if field.name in _TREES:
             missing = [p for p in paths if f"{field.name}/{p}" not in tensors]
             if missing:
-                raise ValueError(f"{path} does not match the model: no {field.name} for {', '.join(missing[:3])}")
+                raise errors.InvalidValue(f"{path} does not match the model: no {field.name} for "
+                                          f"{', '.join(missing[:3])}")
             for p, (_, x) in zip(paths, leaves):
                 if tensors[f"{field.name}/{p}"].shape != tuple(x.shape):
-                    raise ValueError(f"{path} does not match the model: {field.name} of {p} has shape "
-                                     f"{tensors[f'{field.name}/{p}'].shape}; the parameter has {tuple(x.shape)}")
+                    raise errors.InvalidValue(f"{path} does not match the model: {field.name} of {p} has shape "
+                                              f"{tensors[f'{field.name}/{p}'].shape}; the parameter has "
+                                              f"{tuple(x.shape)}")
             fields[field.name] = jax.tree.unflatten(treedef, [tensors[f"{field.name}/{p}"] for p in paths])
+        elif field.name not in tensors:
+            raise errors.InvalidValue(f"{path} is not a trace written by trace.save: it has no {field.name}")
         else:
             fields[field.name] = tensors[field.name]
     return TraceResult(**fields), metadata

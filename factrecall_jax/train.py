@@ -1,8 +1,9 @@
 """The pure train step: TrainState, the token-mean loss, AdamW with warmup and cosine decay, fused steps.
 
 `make_train_step` returns `(state, batch) -> (state, metrics)`; `jit_steps` runs K of them in one jitted call
-(`lax.scan` over a stack of K batches) with the state donated, because on a CPU the per-call dispatch costs as much
-as a tiny model's step. The loop that drives them (evaluation, checkpoints, logging) is `experiment.train`.
+(`lax.scan` over a stack of K batches) with the state donated, on one device or a mesh, because on a CPU the per-call
+dispatch costs as much as a tiny model's step. The loop that drives them (evaluation, checkpoints, logging) is
+`experiment.train`.
 """
 import dataclasses
 from collections.abc import Callable, Mapping
@@ -12,6 +13,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from factrecall_jax import sharding
+
+from factrecall_jax import errors
 
 
 @flax.struct.dataclass
@@ -43,19 +48,24 @@ class OptimizerConfig:
     def __post_init__(self):
         for name in ("learning_rate", "clip_norm"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"optimizer {name}={getattr(self, name)!r} is invalid: expected a positive number")
+                raise errors.InvalidValue(f"optimizer.{name}={getattr(self, name)!r} is invalid: "
+                                          "expected a positive number")
         for name in ("weight_decay", "warmup_steps"):
             if not getattr(self, name) >= 0:
-                raise ValueError(f"optimizer {name}={getattr(self, name)!r} is invalid: expected a number >= 0")
+                raise errors.InvalidValue(f"optimizer.{name}={getattr(self, name)!r} is invalid: "
+                                          "expected a number >= 0")
         for name in ("b1", "b2"):
             if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"optimizer {name}={getattr(self, name)!r} is invalid: expected 0 <= {name} < 1")
+                raise errors.InvalidValue(f"optimizer.{name}={getattr(self, name)!r} is invalid: "
+                                          f"expected 0 <= {name} < 1")
         if not self.eps >= 0:
-            raise ValueError(f"optimizer eps={self.eps!r} is invalid: expected a number >= 0")
+            raise errors.InvalidValue(f"optimizer.eps={self.eps!r} is invalid: expected a number >= 0")
         if not 0 < self.decay_fraction <= 1:
-            raise ValueError(f"optimizer decay_fraction={self.decay_fraction!r} is invalid: expected 0 < x <= 1")
+            raise errors.InvalidValue(f"optimizer.decay_fraction={self.decay_fraction!r} is invalid: "
+                                      "expected 0 < x <= 1")
         if not 0 <= self.end_lr_fraction <= 1:
-            raise ValueError(f"optimizer end_lr_fraction={self.end_lr_fraction!r} is invalid: expected 0..1")
+            raise errors.InvalidValue(f"optimizer.end_lr_fraction={self.end_lr_fraction!r} is invalid: "
+                                      "expected 0..1")
 
 
 def learning_rate_schedule(config: OptimizerConfig, steps: int) -> optax.Schedule:
@@ -153,13 +163,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return train_step
 
 
-def jit_steps(train_step):
+def jit_steps(train_step, mesh: jax.sharding.Mesh | None = None):
     """K train steps in one jitted call: `(state, batches) -> (state, metrics)`, every leaf of both stacked [K, ...].
 
     The state is donated: its buffers become the new state's, so a step never holds two copies of the parameters
-    and optimizer moments.
+    and optimizer moments. On a `mesh` the step runs where its inputs are (the state laid out by name, the batches
+    split by rows: `sharding.state_shardings`, `sharding.batch_sharding`), keeps the new state in the same layout,
+    splits the activations by rows, and returns replicated metrics. This is the one jit of the train step: the
+    training loop, launch.plan and the tests all call it.
     """
-    return jax.jit(lambda state, batches: jax.lax.scan(train_step, state, batches), donate_argnums=0)
+    def steps(state, batches):
+        state, metrics = jax.lax.scan(train_step, state, batches)
+        return sharding.constrain_by_name(state), sharding.constrain_replicated(metrics)
+
+    return jax.jit(sharding.on_mesh(steps, mesh), donate_argnums=0)
 
 
 def init_state(params: nnx.State, tx: optax.GradientTransformation, step: int = 0) -> TrainState:

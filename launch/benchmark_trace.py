@@ -40,7 +40,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from factrecall_jax import cli, models, trace, train
+from factrecall_jax import cli, errors, models, trace, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config whose model is the size 'default'.")
 _SIZES = flags.DEFINE_list("sizes", ["default", "30m", "100m"], "Model sizes: default, 30m, 100m.")
@@ -67,7 +67,7 @@ def _model_config(size: str):
     base = {**_CONFIG.value.model.to_dict(), "vocab_size": 2048}
     if size != "default":
         if size not in SIZES:
-            raise ValueError(f"--sizes: unknown size {size!r}; expected default, {', '.join(SIZES)}")
+            raise errors.InvalidValue(f"--sizes: unknown size {size!r}; expected default, {', '.join(SIZES)}")
         width = SIZES[size]["hidden_size"]
         base.update(SIZES[size], intermediate_size=int(width * 8 / 3) // 8 * 8, num_attention_heads=width // 64,
                     num_key_value_heads=width // 64, initializer_range=0.02)
@@ -322,7 +322,7 @@ def _table(size, results, num_params):
 def main(_):
     for flag in (_PAIRS, _SEQ_LEN, _CHUNK, _REPEATS):
         if flag.value < 1:
-            raise ValueError(f"--{flag.name}={flag.value} is invalid: expected a positive integer")
+            raise errors.InvalidValue(f"--{flag.name}={flag.value} is invalid: expected a positive integer")
     memory_limit = (_MEMORY_LIMIT.value * 2**30 if _MEMORY_LIMIT.value is not None
                     else 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     print(f"devices: {jax.devices()}; {os.cpu_count()} CPU cores; reference runs if its peak <= "

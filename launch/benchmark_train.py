@@ -20,7 +20,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from factrecall_jax import cli, experiment, train
+from factrecall_jax import cli, errors, experiment, train
 from factrecall_jax.data import schedules
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py.", lock_config=True)
@@ -63,16 +63,15 @@ def _time_windows(run_window, windows):
 def main(_):
     config = _CONFIG.value
     if _WINDOWS.value < 1:
-        raise ValueError(f"--windows={_WINDOWS.value} is invalid: expected at least 1")
-    tokenized, tokenizer = experiment.load_data(config)
-    tables = schedules.token_tables(tokenized, tokenizer.pad_token_id)
-    phases = experiment.schedule(experiment.override(config, schedule="mixed"))
+        raise errors.InvalidValue(f"--windows={_WINDOWS.value} is invalid: expected at least 1")
+    run = experiment.Run(experiment.override(config, schedule="mixed"))
+    tables, tokenizer, phases = run.tables, run.tokenizer, experiment.schedule(run.config)
     k = config.train.steps_per_call
     stacked = schedules.phase_batches(phases, 0, 0, k, tables, config.seed, config.train.bio_value_dropout)
     stacked = jax.device_put(stacked)
     singles = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(k)]
     tokens = sum(int(np.count_nonzero(np.asarray(s["targets"]) != tokenizer.pad_token_id)) for s in stacked.values())
-    graphdef, params = nnx.split(experiment.init_model(config, len(tokenizer)), nnx.Param)
+    graphdef, params = run.graphdef, run.init_params()
     tx, lr_fn = experiment.phase_optimizer(phases, 0)
     print(f"model: {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f}M parameters; "
           f"{k} steps per window, {tokens} tokens; devices: {jax.devices()}")

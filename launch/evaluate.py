@@ -10,18 +10,16 @@ import os
 from absl import flags
 
 from factrecall_jax import cli, experiment, sharding
-from factrecall_jax.data import ATTRIBUTES, schedules
-from factrecall_jax.evaluate import Evaluator
+from factrecall_jax.data import ATTRIBUTES
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory written by launch.train.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the last one).")
 
 
 def main(_):
-    config, tokenized, tokenizer, graphdef, params, step = experiment.load_run(_WORKDIR.value, _STEP.value)
-    tables = schedules.token_tables(tokenized, tokenizer.pad_token_id)
-    batches = sharding.batch_sharding(experiment.make_mesh(config))
-    result = Evaluator(tables, graphdef, config.train.eval_batch_size, batches)(params)
+    run = experiment.Run.load(_WORKDIR.value)
+    step = experiment.checkpoint_steps(_WORKDIR.value)[-1] if _STEP.value is None else _STEP.value
+    result = run.evaluator()(run.params(step))
     print(f"step {step}")
     print(f"{'split':<20} {'all':>6} " + " ".join(f"{a[:12]:>12}" for a in ATTRIBUTES))
     for split, per_attribute in result["per_attribute"].items():

@@ -10,7 +10,7 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from factrecall_jax import cli, experiment
+from factrecall_jax import cli, configuration, experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py.", lock_config=True)
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Output folder; must not exist yet, unless --overwrite.", required=True)
@@ -30,6 +30,7 @@ def summary(dataset_dict, tokenizer, num_people):
 
 def main(_):
     config = _CONFIG.value
+    configuration.validate(config, "data")
     with cli.atomic_output_dir(_OUT_DIR.value, overwrite=_OVERWRITE.value) as tmp:
         tokenized, tokenizer = experiment.load_data(config)
         tokenized.save_to_disk(os.path.join(tmp, "dataset"))

@@ -15,8 +15,7 @@ import os
 from absl import flags
 from flax import nnx
 
-from factrecall_jax import analysis, cli, evaluate, experiment, sharding, study, trace
-from factrecall_jax.data import schedules
+from factrecall_jax import analysis, cli, errors, experiment, sharding, study, trace
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory written by launch.train.", required=True)
 _TRACE = flags.DEFINE_string("trace", None, "The run's trace (default: <workdir>/trace.safetensors).")
@@ -37,9 +36,9 @@ _COLUMNS = (("held-out", "qa_test_accuracy"), ("in-dist", "qa_train_accuracy"), 
 def _trace_path(path: str | None, workdir: str, flag: str) -> str:
     path = path or os.path.join(workdir, "trace.safetensors")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no trace at {path} (--{flag}): make it with `python -m launch.trace "
-                                f"--workdir={workdir}" + ("" if path == os.path.join(workdir, "trace.safetensors")
-                                                          else f" --out={path}") + "`")
+        raise errors.MissingPath(f"no trace at {path} (--{flag}): make it with `python -m launch.trace "
+                                 f"--workdir={workdir}" + ("" if path == os.path.join(workdir, "trace.safetensors")
+                                                           else f" --out={path}") + "`")
     return path
 
 
@@ -52,13 +51,13 @@ def _load_trace(path: str, params: nnx.State) -> tuple[trace.TraceResult, list[i
 def main(_):
     workdir, donor = _WORKDIR.value, _DONOR.value
     if _RULE.value not in analysis.RULES:
-        raise ValueError(f"--rule={_RULE.value!r} is invalid: expected one of {', '.join(analysis.RULES)}")
+        raise errors.InvalidValue(f"--rule={_RULE.value!r} is invalid: expected one of {', '.join(analysis.RULES)}")
     if _SCOPE.value not in analysis.SCOPES:
-        raise ValueError(f"--scope={_SCOPE.value!r} is invalid: expected one of {', '.join(analysis.SCOPES)}")
+        raise errors.InvalidValue(f"--scope={_SCOPE.value!r} is invalid: expected one of {', '.join(analysis.SCOPES)}")
     if not 0 < _TOP_FRACTION.value <= 1:
-        raise ValueError(f"--top_fraction={_TOP_FRACTION.value!r} is invalid: expected 0 < top_fraction <= 1")
+        raise errors.InvalidValue(f"--top_fraction={_TOP_FRACTION.value!r} is invalid: expected 0 < top_fraction <= 1")
     if _DONOR_TRACE.value and not donor:
-        raise ValueError("--donor_trace needs --donor")
+        raise errors.InvalidValue("--donor_trace needs --donor")
     config = experiment.load_config(workdir)
     trace_path = _trace_path(_TRACE.value, workdir, "trace")
     if donor:
@@ -67,16 +66,19 @@ def main(_):
             mine, theirs = config.get(field), donor_config.get(field)
             mine, theirs = (x.to_dict() if hasattr(x, "to_dict") else x for x in (mine, theirs))
             if mine != theirs:
-                raise ValueError(f"--donor={donor} differs from --workdir={workdir} in config.{field} ({theirs!r} vs "
-                                 f"{mine!r}): a graft needs runs of the same data and init")
+                raise errors.InvalidValue(f"--donor={donor} differs from --workdir={workdir} in config.{field} "
+                                          f"({theirs!r} vs {mine!r}): a graft needs runs of the same data and init")
         donor_trace_path = _trace_path(_DONOR_TRACE.value, donor, "donor_trace")
 
-    config, tokenized, tokenizer, graphdef, params, step = experiment.load_run(workdir)
+    run = experiment.Run.load(workdir)
+    step = experiment.checkpoint_steps(workdir)[-1]
+    params = run.params(step)
     result, traced = _load_trace(trace_path, params)
     models, masks, sources = {"run": params}, {}, {"run": (workdir, step, trace_path, traced)}
     masks["run"] = analysis.shared_parameters(result, _TOP_FRACTION.value, _RULE.value, _SCOPE.value)
     if donor:
-        *_, donor_params, donor_step = experiment.load_run(donor)
+        donor_step = experiment.checkpoint_steps(donor)[-1]
+        donor_params = run.params(donor_step, donor)  # same data and init: checked above
         donor_result, donor_traced = _load_trace(donor_trace_path, donor_params)
         models["donor"], masks["donor"] = donor_params, analysis.shared_parameters(
             donor_result, _TOP_FRACTION.value, _RULE.value, _SCOPE.value)
@@ -84,12 +86,7 @@ def main(_):
     for name, (path, final, trace_file, steps) in sources.items():
         print(f"{name}: {path} at step {final}; trace {trace_file} (steps {steps})")
 
-    mesh = experiment.make_mesh(config)
-    evaluator = evaluate.Evaluator(schedules.token_tables(tokenized, tokenizer.pad_token_id), graphdef,
-                                   config.train.eval_batch_size, sharding.batch_sharding(mesh))
-    init_params = nnx.split(experiment.init_model(config, len(tokenizer)), nnx.Param)[1]
-    init_params = sharding.shard(init_params, sharding.param_shardings(init_params, mesh))
-    rows = study.intervention_table(models, {_SCOPE.value: masks}, evaluator, init_params, _SEED.value,
+    rows = study.intervention_table(models, {_SCOPE.value: masks}, run.evaluator(), run.init_params(), _SEED.value,
                                     graft_pairs=(("run", "donor"),) if donor else ())
 
     print(f"{'model':<6} {'intervention':<17} {'mask':<7} {'count':>7} "

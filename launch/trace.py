@@ -13,7 +13,7 @@ import os
 
 from absl import flags
 
-from factrecall_jax import analysis, cli, experiment, sharding, study
+from factrecall_jax import analysis, cli, errors, experiment, sharding, study
 from factrecall_jax.data import pairs as pairs_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory written by launch.train.", required=True)
@@ -39,16 +39,17 @@ def main(_):
     if not _OVERWRITE.value:
         for path in (out, summary_path):
             if os.path.exists(path):
-                raise FileExistsError(f"{path} already exists; choose another --out, remove it, or pass --overwrite")
+                raise errors.PathExists(f"{path} already exists; choose another --out, remove it, or pass --overwrite")
     if not 0 < _TOP_FRACTION.value <= 1:
-        raise ValueError(f"--top_fraction={_TOP_FRACTION.value!r} is invalid: expected 0 < top_fraction <= 1")
+        raise errors.InvalidValue(f"--top_fraction={_TOP_FRACTION.value!r} is invalid: expected 0 < top_fraction <= 1")
     if _NUM_PEOPLE.value < 0:
-        raise ValueError(f"--num_people={_NUM_PEOPLE.value} is invalid: expected 0 (all) or a positive integer")
+        raise errors.InvalidValue(f"--num_people={_NUM_PEOPLE.value} is invalid: expected 0 (all) or a positive "
+                                  "integer")
     if _CHUNK_SIZE.value < 1:
-        raise ValueError(f"--chunk_size={_CHUNK_SIZE.value} is invalid: expected a positive integer")
-    config = experiment.load_config(workdir)
+        raise errors.InvalidValue(f"--chunk_size={_CHUNK_SIZE.value} is invalid: expected a positive integer")
     plan = study.checkpoint_plan(workdir, _NUM_CHECKPOINTS.value)  # fails early on a run without checkpoints
-    tokenized, tokenizer = experiment.load_data(config)
+    run = experiment.Run.load(workdir)
+    config, tokenized, tokenizer = run.config, run.tokenized, run.tokenizer
     num_people = _NUM_PEOPLE.value or None
     if _SPLIT.value in tokenized:
         available = len(set(tokenized[_SPLIT.value]["person_id"]))
@@ -59,7 +60,7 @@ def main(_):
     num_pairs = len(fact_pairs["attribute"])
     print(f"tracing {num_pairs} pairs of {_SPLIT.value} at steps {[e['step'] for e in plan]} of {workdir}")
 
-    combined, records, _ = study.trace_run(workdir, fact_pairs, num_checkpoints=_NUM_CHECKPOINTS.value,
+    combined, records, _ = study.trace_run(run, fact_pairs, num_checkpoints=_NUM_CHECKPOINTS.value,
                                            chunk_size=_CHUNK_SIZE.value, log=print)
     _, shared = study.shared_statistics(combined, _TOP_FRACTION.value)
     summary = {

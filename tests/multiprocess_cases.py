@@ -19,9 +19,8 @@ from factrecall_jax.data import pairs as pairs_lib  # noqa: E402
 
 assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
 config = tiny_run_config(data=2, fsdp=2)
-run = os.path.join(workdir, "run")
-experiment.train(config, run, log=lambda *_: None)
-tokenized, tokenizer = experiment.load_data(config)
-pairs = pairs_lib.fact_pairs(tokenized, tokenizer.pad_token_id, "qa_train", 4, seed=config.seed)
+experiment.train(config, os.path.join(workdir, "run"), log=lambda *_: None)
+run = experiment.Run.load(os.path.join(workdir, "run"))
+pairs = pairs_lib.fact_pairs(run.tokenized, run.tokenizer.pad_token_id, "qa_train", 4, seed=config.seed)
 combined, records, _ = study.trace_run(run, pairs, num_checkpoints=2, chunk_size=4, log=lambda *_: None)
 study.save_trace(combined, records, os.path.join(workdir, "trace.safetensors"))

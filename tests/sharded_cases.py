@@ -11,14 +11,14 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_run_config
-from factrecall_jax import checkpoint, experiment, models, sharding, train, trace
+from factrecall_jax import checkpoint, experiment, metrics, models, sharding, train, trace
 from factrecall_jax.data import schedules
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 CONFIGS = {"llama_gqa": models.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
            "neox": models.GPTNeoXConfig.tiny()}
-STEPS, ROWS, SEQ, PAIRS = 2, 8, 16, 4
+STEPS, ROWS, SEQ, PAIRS = 2, 8, 16, 12
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -79,7 +79,7 @@ def test_sharded_train_steps_equal_single_device(name, shape):
     graphdef, tx, state = fresh_state(name)
     state_sh = sharding.state_shardings(state, mesh)
     batch_sh = sharding.batch_sharding(mesh, stacked=True)
-    steps = sharding.jit_train_steps(make_step(graphdef, tx), state_sh, batch_sh)
+    steps = train.jit_steps(make_step(graphdef, tx), mesh)
     state, metrics = steps(sharding.shard(state, state_sh), sharding.shard(BATCHES, batch_sh))
     expected_state, expected_metrics = single_device_train(name)
     assert_trees_close(state.params, expected_state.params, 1e-5, 1e-6)
@@ -93,12 +93,17 @@ def test_sharded_train_steps_equal_single_device(name, shape):
 @pytest.mark.parametrize("shape", MESHES)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_sharded_trace_equals_unsharded(name, shape):
+    """Every chunk's pairs split over data x fsdp (chunks of that many pairs, the last one padded), the sums laid
+    out like the parameters: the same trace as one device in chunks of 2."""
     mesh = sharding.make_mesh(shape)
     graphdef, params = split(name)
     params_sh = sharding.param_shardings(params, mesh)
-    result = sharding.jit_trace(trace.lm_loss(graphdef, params), params_sh, chunk_size=2)(
-        sharding.shard(params, params_sh), rows(2, PAIRS), rows(3, PAIRS))
+    result = trace.cross_task_trace(trace.lm_loss(graphdef, params), sharding.shard(params, params_sh),
+                                    rows(2, PAIRS), rows(3, PAIRS), chunk_size=sharding.batch_devices(mesh), mesh=mesh)
     assert_trees_close(result, single_device_trace(name), 1e-5, 1e-6)
+    with pytest.raises(ValueError, match="multiple of"):
+        trace.cross_task_trace(trace.lm_loss(graphdef, params), params, rows(2, PAIRS), rows(3, PAIRS),
+                               chunk_size=sharding.batch_devices(mesh) + 1, mesh=mesh)
     jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(f"{x.sharding} != {s}"),
                  result.cross, params_sh)
 
@@ -112,7 +117,8 @@ def test_parameters_are_sharded_on_2x2x2():
     assert len(q.sharding.device_set) == 8
     assert {s.data.shape for s in q.addressable_shards} == {(2, 32, 2, 16)}
     assert params["layers"]["self_attn"]["k_proj"]["kernel"][...].sharding.spec == P(None, "fsdp", "tensor", None)
-    assert params["embed_tokens"]["embedding"][...].sharding.spec == P("tensor", "fsdp")
+    # the vocabulary rule comes first: embedding rows over tensor x fsdp, the embed dimension whole
+    assert params["embed_tokens"]["embedding"][...].sharding.spec == P(("tensor", "fsdp"), None)
     assert params["layers"]["mlp"]["down_proj"]["kernel"][...].sharding.spec == P(None, "tensor", "fsdp")
     _, neox = split("neox")  # the fused qkv kernel [L, D, N, 3, H] has an unnamed axis
     spec = sharding.param_shardings(neox, mesh)["layers"]["attention"]["query_key_value"]["kernel"].get_value().spec
@@ -125,6 +131,8 @@ def test_logical_to_spec_drops_axes_that_do_not_divide_or_repeat():
     assert sharding.logical_to_spec(("batch", "embed"), (8, 8), mesh) == P(("data", "fsdp"), None)
     assert sharding.logical_to_spec(("batch", "embed"), (4, 8), mesh) == P("data", "fsdp")
     assert sharding.logical_to_spec(("layers", None, "vocab"), (2, 3, 5), mesh) == P(None, None, "tensor")
+    # rules earlier in the table pick first, whatever the dimension order: vocab takes fsdp before embed
+    assert sharding.logical_to_spec(("embed", "vocab"), (8, 16), mesh) == P(None, ("tensor", "fsdp"))
 
 
 def test_make_mesh_shapes_and_errors():
@@ -169,8 +177,8 @@ def test_experiment_train_runs_sharded_and_restores_onto_its_mesh(tmp_path):
     for mesh in [(8, 1, 1), (2, 2, 2)]:
         workdir = str(tmp_path / "x".join(map(str, mesh)))
         experiment.train(tiny_run_config(**dict(zip(sharding.MESH_AXES, mesh))), workdir, log=lambda *_: None)
-        params[mesh] = experiment.load_run(workdir)[4]
-        records = experiment.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+        params[mesh] = experiment.Run.load(workdir).params()
+        records = metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))
         losses[mesh] = [r["loss"] for r in records if "loss" in r]
     assert len(losses[(8, 1, 1)]) == 2 and losses[(2, 2, 2)] == pytest.approx(losses[(8, 1, 1)], rel=1e-5)
     assert_trees_close(params[(2, 2, 2)], params[(8, 1, 1)], rtol=1e-5, atol=1e-6)
@@ -186,3 +194,73 @@ def test_token_share_rows_split_over_the_batch_devices(mesh):
     tokenized, tokenizer = experiment.load_data(config)
     resolved = experiment.resolve_batches(config, schedules.token_tables(tokenized, tokenizer.pad_token_id))
     assert resolved.mixed.qa_batch % (mesh[0] * mesh[1]) == 0 and resolved.mixed.qa_batch > config.mixed.bio_batch
+
+
+LOAD_CONFIGS = {"llama_bias": models.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 attention_bias=True, mlp_bias=True),
+                "neox": models.GPTNeoXConfig.tiny()}
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (1, 2, 4)])
+@pytest.mark.parametrize("name", sorted(LOAD_CONFIGS))
+def test_from_pretrained_onto_a_mesh_holds_each_device_share(name, shape, tmp_path, monkeypatch):
+    """Loading onto a mesh: the unsharded values, in param_shardings' layout, each device holding (and reading from
+    the safetensors) exactly its shards: on fsdp 8, 1/8 of every parameter but the replicated biases."""
+    models.save_pretrained(models.from_config(LOAD_CONFIGS[name], seed=0), tmp_path, max_shard_size="20KB")
+    expected = jax.device_get(nnx.state(models.from_pretrained(tmp_path)))
+    read, to_nnx = [], models.hf._to_nnx  # every block read from a safetensors file goes through _to_nnx
+    monkeypatch.setattr(models.hf, "_to_nnx", lambda ops, x, config: read.append(x.nbytes) or to_nnx(ops, x, config))
+    mesh = sharding.make_mesh(shape)
+    params = nnx.state(models.from_pretrained(tmp_path, mesh=mesh))
+    assert_trees_close(params, expected, 0, 0)
+    leaves, layouts = jax.tree.leaves(params), jax.tree.leaves(sharding.param_shardings(params, mesh))
+    for x, layout in zip(leaves, layouts):
+        assert x.sharding.is_equivalent_to(layout, x.ndim), f"{x.sharding} != {layout}"
+    held = {d: sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == d)
+            for d in mesh.devices.flat}
+    shard_bytes = [int(np.prod(layout.shard_shape(x.shape))) * x.dtype.itemsize for x, layout in zip(leaves, layouts)]
+    share, total = sum(shard_bytes), sum(x.nbytes for x in leaves)
+    replicated = sum(x.nbytes for x, layout in zip(leaves, layouts) if layout.is_fully_replicated)
+    assert held == dict.fromkeys(mesh.devices.flat, share)
+    # Each device reads its own block; make_array_from_callback reads a fully replicated leaf once and copies it.
+    assert sum(read) == sum(b if layout.is_fully_replicated else 8 * b for b, layout in zip(shard_bytes, layouts))
+    if shape == (1, 8, 1):
+        assert share == (total - replicated) // 8 + replicated
+    print(f"{name} onto fsdp {shape[1]} x tensor {shape[2]}: {share:,} of {total:,} bytes per device "
+          f"({share / total:.3f}; {replicated:,} bytes replicated)")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_init_on_a_mesh_draws_each_shard_where_it_lives(name):
+    """models.from_config on fsdp 8: the values of one jitted init on one device, every leaf laid out by name, and
+    each device holding exactly its shards (1/8 of every matrix)."""
+    mesh = sharding.make_mesh((1, 8, 1))
+    build = functools.partial(models.from_config, CONFIGS[name], seed=3)
+    expected = jax.jit(lambda: nnx.state(build(), nnx.Param))()
+    params = nnx.state(build(mesh=mesh), nnx.Param)
+    assert_trees_close(params, expected, 0, 0)
+    layouts = sharding.param_shardings(params, mesh)
+    held = dict.fromkeys(mesh.devices.flat, 0)
+    for x, layout in zip(jax.tree.leaves(params), jax.tree.leaves(layouts)):
+        assert x.sharding.is_equivalent_to(layout, x.ndim), (x.sharding, layout)
+        for shard in x.addressable_shards:
+            held[shard.device] += shard.data.nbytes
+    share = sum(np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+                for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(layouts)))
+    assert set(held.values()) == {share}
+    total = sum(x.nbytes for x in jax.tree.leaves(params))
+    print(f"{name}: {share} of {total} bytes per device ({share / total:.3f})")
+
+
+def test_train_state_initialized_on_the_mesh_equals_one_device():
+    """experiment.Run.init_state creates the AdamW moments where their shards live (a jitted init with the state's
+    layout), equal to the one-device state."""
+    config = tiny_run_config(data=1, fsdp=8)
+    run = experiment.Run(config)
+    tx = experiment.phase_optimizer(experiment.schedule(run.config), 0)[0]
+    state = run.init_state(run.init_params(), tx)
+    expected = train.init_state(jax.device_get(run.init_params()), tx)
+    assert_trees_close(state, expected, 0, 0)
+    jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(f"{x.sharding} != {s}"),
+                 state, sharding.state_shardings(state, run.mesh))

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from factrecall_jax import cli
+from factrecall_jax import cli, errors
 
 
 def test_atomic_output_dir_appears_only_when_the_block_finishes(tmp_path):
@@ -38,7 +38,7 @@ def test_atomic_output_dir_refuses_to_clobber_unless_asked(tmp_path):
 
 def test_run_turns_user_errors_into_one_line_and_exit_2(capsys):
     def main(argv):
-        raise ValueError("num_people=7 is not valid: use 1..10")
+        raise errors.InvalidValue("num_people=7 is not valid: use 1..10")
 
     with pytest.raises(SystemExit) as exit_info:
         cli.run(main)([])
@@ -46,17 +46,19 @@ def test_run_turns_user_errors_into_one_line_and_exit_2(capsys):
     assert capsys.readouterr().err.strip() == "error: num_people=7 is not valid: use 1..10"
 
 
-def test_run_keeps_tracebacks_for_bugs():
+@pytest.mark.parametrize("bug", [ZeroDivisionError, ValueError, KeyError, FileNotFoundError])
+def test_run_keeps_tracebacks_for_bugs(bug):
+    """Only a UserError, raised where input is checked, is one line; a builtin from anywhere else is a bug."""
     def main(argv):
-        raise ZeroDivisionError("a bug, not a user error")
+        raise bug("a bug, not a user error")
 
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(bug):
         cli.run(main)([])
 
 
 def test_run_prints_multi_line_messages_on_one_line(capsys):
     def main(argv):
-        raise FileNotFoundError("could not be downloaded: ConnectError\nCheck your internet connection.")
+        raise errors.MissingPath("could not be downloaded: ConnectError\nCheck your internet connection.")
 
     with pytest.raises(SystemExit):
         cli.run(main)([])

@@ -39,7 +39,7 @@ def test_writes_dataset_tokenizer_and_config(tmp_path):
 
 @pytest.mark.parametrize("flag, message", [
     ("--config.data.nonexistent=1", "no such config field: 'nonexistent'"),
-    ("--config.data.num_people=10000000000", "num_people=10000000000 is out of range"),
+    ("--config.data.num_people=10000000000", "data.num_people=10000000000 is out of range"),
 ])
 def test_user_errors_are_one_line_and_leave_nothing(tmp_path, flag, message):
     result = generate(f"--out_dir={tmp_path / 'data'}", flag)

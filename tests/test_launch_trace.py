@@ -38,9 +38,10 @@ def run(tmp_path_factory):
     process = subprocess.Popen([sys.executable, "-m", "launch.trace", f"--workdir={workdir}", *TRACE_ARGS], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        config, tokenized, tokenizer, _, _ = experiment.abstract_run(workdir)
-        fact_pairs = pairs_lib.fact_pairs(tokenized, tokenizer.pad_token_id, "qa_train", 4, seed=config.seed)
-        direct = study.trace_run(workdir, fact_pairs, num_checkpoints=2, chunk_size=8, log=lambda *_: None)[:2]
+        run = experiment.Run.load(workdir)
+        fact_pairs = pairs_lib.fact_pairs(run.tokenized, run.tokenizer.pad_token_id, "qa_train", 4,
+                                          seed=run.config.seed)
+        direct = study.trace_run(run, fact_pairs, num_checkpoints=2, chunk_size=8, log=lambda *_: None)[:2]
         stdout, stderr = process.communicate(timeout=600)
     finally:
         process.kill()
@@ -50,7 +51,7 @@ def run(tmp_path_factory):
 
 def test_trace_writes_what_a_direct_trace_computes(run):
     workdir, _, stdout, (direct, records) = run
-    params_like = experiment.abstract_run(workdir)[-1]
+    params_like = experiment.Run.load(workdir).abstract_params
     saved, metadata = trace.load(os.path.join(workdir, "trace.safetensors"), params_like)
     assert jax.tree.structure(saved) == jax.tree.structure(direct)
     for got, want in zip(jax.tree.leaves(saved), jax.tree.leaves(direct)):
@@ -106,7 +107,7 @@ def test_intervene_table(run, tmp_path):
     assert len(none) == 1 and none[0]["count"] == 0
     assert {k: v for k, v in none[0].items() if k.endswith("_accuracy")} == accuracies
 
-    params_like = experiment.abstract_run(workdir)[-1]
+    params_like = experiment.Run.load(workdir).abstract_params
     result, _ = trace.load(os.path.join(workdir, "trace.safetensors"), params_like)
     expected = int(sum(np.count_nonzero(x) for x in jax.tree.leaves(analysis.shared_parameters(result, 0.01))))
     assert expected > 0

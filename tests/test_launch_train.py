@@ -132,6 +132,17 @@ def test_train_rejects_bad_settings_in_one_line(tmp_path, args, message):
     assert "Traceback" not in done.stderr
 
 
+def test_train_rejects_a_tokenizer_larger_than_the_checkpoint_vocabulary(tmp_path, hf_checkpoints):
+    """An id past the embedding of init_from would read NaN and make every logit NaN ("loss is nan ... lower the
+    learning rate" after the first steps): refused before anything runs or is written."""
+    checkpoint = hf_checkpoints("neox_parallel")  # 128 tokens; the tiny preset's word tokenizer has hundreds
+    done = launch("train", TINY, f"--workdir={tmp_path / 'run'}", f"--config.init_from={checkpoint.path}")
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: tokenizer='word' has ") and "more than the 128 of the vocabulary" in last
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluate_names_a_missing_workdir(tmp_path):
     done = launch("evaluate", f"--workdir={tmp_path}/nothing")
     assert done.returncode == 2 and "config.json does not exist" in done.stderr

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_run_config
-from factrecall_jax import experiment, study, trace
+from factrecall_jax import experiment, metrics, study, trace
 from factrecall_jax.data import pairs as pairs_lib
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -49,8 +49,8 @@ def one_device_run(tmp_path_factory):
 
 
 def test_metrics_written_once_and_equal_to_one_device(two_process_run, one_device_run):
-    multi = experiment.read_metrics(os.path.join(two_process_run, "run", "metrics.jsonl"))
-    single = experiment.read_metrics(os.path.join(one_device_run, "metrics.jsonl"))
+    multi = metrics.read_metrics(os.path.join(two_process_run, "run", "metrics.jsonl"))
+    single = metrics.read_metrics(os.path.join(one_device_run, "metrics.jsonl"))
     assert [r["step"] for r in multi] == [r["step"] for r in single] == [0, 4, 8]  # no record twice
     for m, s in zip(multi, single):
         numbers = lambda record: {k: v for k, v in record.items() if isinstance(v, float)}  # noqa: E731
@@ -60,19 +60,17 @@ def test_metrics_written_once_and_equal_to_one_device(two_process_run, one_devic
 
 
 def test_checkpoints_saved_across_processes_restore_on_one_device(two_process_run, one_device_run):
-    config, _, tokenizer, _, params_like = experiment.abstract_run(one_device_run)
-    multi = experiment.restore_params(os.path.join(two_process_run, "run"), 8, config, params_like)
-    single = experiment.restore_params(one_device_run, 8, config, params_like)
+    run = experiment.Run.load(one_device_run)
+    multi, single = run.params(8, os.path.join(two_process_run, "run")), run.params(8)
     for a, b in zip(jax.tree.leaves(multi), jax.tree.leaves(single)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_trace_gathered_and_saved_by_process_0_equals_one_device(two_process_run, one_device_run):
-    config, tokenized, tokenizer, graphdef, params_like = experiment.abstract_run(one_device_run)
-    pairs = pairs_lib.fact_pairs(tokenized, tokenizer.pad_token_id, "qa_train", 4, seed=config.seed)
-    expected, records, _ = study.trace_run(one_device_run, pairs, num_checkpoints=2, chunk_size=4,
-                                           log=lambda *_: None)
-    saved, metadata = trace.load(os.path.join(two_process_run, "trace.safetensors"), params_like)
+    run = experiment.Run.load(one_device_run)
+    pairs = pairs_lib.fact_pairs(run.tokenized, run.tokenizer.pad_token_id, "qa_train", 4, seed=run.config.seed)
+    expected, records, _ = study.trace_run(run, pairs, num_checkpoints=2, chunk_size=4, log=lambda *_: None)
+    saved, metadata = trace.load(os.path.join(two_process_run, "trace.safetensors"), run.abstract_params)
     assert [r["step"] for r in json.loads(metadata["checkpoints"])] == [r["step"] for r in records] == [4, 8]
     for field in ("bio_abs", "qa_abs", "cross", "pair_dot", "bio_sq_norm", "qa_sq_norm", "layer_pair_dot"):
         for a, b in zip(jax.tree.leaves(getattr(saved, field)), jax.tree.leaves(getattr(expected, field))):

@@ -10,7 +10,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from conftest import config_file
 from factrecall_jax import experiment, train
@@ -34,11 +33,9 @@ def tiny_config(schedule="mixed"):
 @pytest.fixture(scope="module")
 def template():
     """A TrainState with the structure every checkpoint of the tiny config has (any phase's optimizer state)."""
-    config = tiny_config()
-    _, tokenizer = experiment.load_data(config)
-    _, params = nnx.split(experiment.init_model(config, len(tokenizer)), nnx.Param)
-    phase = experiment.schedule(config)[0]
-    return train.init_state(params, train.make_optimizer(phase.optimizer, phase.steps))
+    run = experiment.Run(tiny_config())
+    phase = experiment.schedule(run.config)[0]
+    return run.abstract_state(train.make_optimizer(phase.optimizer, phase.steps))
 
 
 def saved_steps(workdir):

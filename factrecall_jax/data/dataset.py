@@ -15,6 +15,7 @@ import numbers
 import datasets
 import numpy as np
 
+from factrecall_jax import errors
 from factrecall_jax.data import population, templates
 from factrecall_jax.data.population import ATTRIBUTES
 
@@ -48,7 +49,7 @@ def _is_int(value):
 
 def _check(ok, name, value, expected):
     if not ok:
-        raise ValueError(f"{name}={value!r} is invalid: expected {expected}")
+        raise errors.InvalidValue(f"{name}={value!r} is invalid: expected {expected}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,8 +223,9 @@ def tokenize(dataset_dict: datasets.DatasetDict, tokenizer, *, qa_loss="answer")
     """
     _check(qa_loss in QA_LOSSES, "qa_loss", qa_loss, f"one of {QA_LOSSES}")
     if not tokenizer.is_fast:
-        raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer: offsets are needed to find the values")
+        raise errors.InvalidValue(f"{type(tokenizer).__name__} is not a fast tokenizer: offsets are needed to find "
+                                  "the values")
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token, which ends every biography and answer")
+        raise errors.InvalidValue("the tokenizer has no EOS token, which ends every biography and answer")
     return datasets.DatasetDict({name: _tokenize_split(split, tokenizer, qa_loss)
                                  for name, split in dataset_dict.items()})

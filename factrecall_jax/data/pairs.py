@@ -10,6 +10,7 @@ import numbers
 
 import numpy as np
 
+from factrecall_jax import errors
 from factrecall_jax.data.population import ATTRIBUTES
 from factrecall_jax.data.schedules import TokenTable
 
@@ -68,19 +69,19 @@ def fact_pairs(tokenized, pad_id: int, split: str = "qa_train", num_people: int 
     """
     qa_splits = sorted(name for name in tokenized if name != "bio")
     if split not in qa_splits:
-        raise ValueError(f"split={split!r} is invalid: expected one of the QA splits {qa_splits}")
+        raise errors.InvalidValue(f"split={split!r} is invalid: expected one of the QA splits {qa_splits}")
     for name in ("bio", split):
         if missing := sorted(set(_COLUMNS) - set(tokenized[name].column_names)):
             raise ValueError(f"split {name!r} lacks the columns {missing}: pass the dataset through data.tokenize")
     qa_rows = _first_rows(tokenized[split])
     people = np.array(sorted({person for person, _ in qa_rows}), np.int64)
     if not len(people):
-        raise ValueError(f"split={split!r} has no rows: no pairs to build")
+        raise errors.InvalidValue(f"split={split!r} has no rows: no pairs to build")
     if num_people is not None:
         if not (isinstance(num_people, numbers.Integral) and not isinstance(num_people, bool)
                 and 1 <= num_people <= len(people)):
-            raise ValueError(f"num_people={num_people!r} is invalid: expected None or an integer in "
-                             f"[1, {len(people)}] (the people of {split!r})")
+            raise errors.InvalidValue(f"num_people={num_people!r} is invalid: expected None or an integer in "
+                                      f"[1, {len(people)}] (the people of {split!r})")
         people = np.sort(np.random.default_rng(seed).choice(people, num_people, replace=False))
     bio_rows = _first_rows(tokenized["bio"])
     person_N = np.repeat(people, len(ATTRIBUTES))

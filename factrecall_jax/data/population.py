@@ -10,6 +10,8 @@ import pathlib
 
 import numpy as np
 
+from factrecall_jax import errors
+
 POOL_DIR = pathlib.Path(__file__).parent / "pools"
 # The six facts of a person, in the fixed order of a biography's sentences (unless permuted).
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer", "employer_city")
@@ -83,8 +85,8 @@ def check_num_people(num_people):
     """Raises when the pools cannot give `num_people` distinct full names."""
     limit = pools().num_unique_names
     if not 1 <= num_people <= limit:
-        raise ValueError(f"num_people={num_people} is out of range: the name pools give between 1 and {limit} "
-                         "unique full names (first x middle x last)")
+        raise errors.InvalidValue(f"num_people={num_people} is out of range: the name pools give between 1 and "
+                                  f"{limit} unique full names (first x middle x last)")
 
 
 def sample_people(num_people: int, seed: int) -> list[Person]:

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from factrecall_jax import errors
+
 # The split each task trains on.
 TASK_SPLITS = {"bio": "bio", "qa": "qa_train"}
 _DROPOUT_STREAM = len(TASK_SPLITS)  # the rng stream after the tasks' permutation streams
@@ -41,13 +43,15 @@ class Phase:
 
     def __post_init__(self):
         if not _is_count(self.steps):
-            raise ValueError(f"phase {self.name!r}: steps={self.steps!r} is invalid: expected a positive integer")
+            raise errors.InvalidValue(f"phase {self.name!r}: steps={self.steps!r} is invalid: "
+                                      "expected a positive integer")
         for task, size in self.batch_sizes.items():
             if task not in TASK_SPLITS:
-                raise ValueError(f"phase {self.name!r}: unknown task {task!r}; tasks: {', '.join(TASK_SPLITS)}")
+                raise errors.InvalidValue(f"phase {self.name!r}: unknown task {task!r}; "
+                                          f"tasks: {', '.join(TASK_SPLITS)}")
             if not _is_count(size):
-                raise ValueError(f"phase {self.name!r}: batch size {size!r} for {task!r} is invalid: "
-                                 "expected a positive integer")
+                raise errors.InvalidValue(f"phase {self.name!r}: batch size {size!r} for {task!r} is invalid: "
+                                          "expected a positive integer")
 
 
 def mixed(steps: int, bio_batch: int, qa_batch: int, optimizer) -> tuple[Phase, ...]:
@@ -61,8 +65,8 @@ def qa_rows_for_token_share(tables: Mapping[str, "TokenTable"], bio_rows: int, q
     row lengths), rounded to a multiple of `multiple_of` (the devices a batch is split over): Physics 3.1 mixes by
     tokens (QA 80% of them), and a biography is about three QA pairs long."""
     if not 0 < qa_token_share < 1:
-        raise ValueError(f"qa_token_share={qa_token_share!r} is invalid: expected 0 < share < 1 (0 in a config: "
-                         "use qa_batch as given)")
+        raise errors.InvalidValue(f"qa_token_share={qa_token_share!r} is invalid: expected 0 < share < 1 "
+                                  "(0 in a config: use qa_batch as given)")
     bio_tokens = bio_rows * tables[TASK_SPLITS["bio"]].lengths.mean()
     rows = bio_tokens * qa_token_share / (1 - qa_token_share) / tables[TASK_SPLITS["qa"]].lengths.mean()
     return max(1, round(rows / multiple_of)) * multiple_of

@@ -12,6 +12,8 @@ import re
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from factrecall_jax import errors
+
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 # A folder holding none of these is no tokenizer (transformers would say something less direct).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -67,13 +69,13 @@ def load_tokenizer(name_or_path) -> transformers.PreTrainedTokenizerBase:
     """
     path = os.path.expanduser(str(name_or_path))
     if path.startswith(("/", ".")) and not os.path.isdir(path):
-        raise FileNotFoundError(f"{name_or_path} is not a folder")
+        raise errors.MissingPath(f"{name_or_path} is not a folder")
     if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        raise FileNotFoundError(f"{name_or_path} has none of {', '.join(TOKENIZER_FILES)}")
+        raise errors.MissingPath(f"{name_or_path} has none of {', '.join(TOKENIZER_FILES)}")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:  # transformers raises OSError, ValueError or KeyError for files it cannot read
-        raise ValueError(f"cannot load the tokenizer {name_or_path!r}: {e}") from e
+        raise errors.InvalidValue(f"cannot load the tokenizer {name_or_path!r}: {e}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from factrecall_jax import errors
 from factrecall_jax.models import layers
 from factrecall_jax.models.hf import Split, Transpose
 
@@ -44,8 +45,8 @@ class GPTNeoXConfig(layers.HFConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
-                             f"{self.num_attention_heads}")
+            raise errors.InvalidValue(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                                      f"{self.num_attention_heads}")
         layers.activation(self.hidden_act)
 
     @property
@@ -113,8 +114,10 @@ class GPTNeoXLayer(nnx.Module):
 class GPTNeoX(layers.CausalLM):
     """GPT-NeoX causal LM; `layers` holds all blocks stacked on a leading axis L and runs them in one scan."""
 
-    def __init__(self, config: GPTNeoXConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: GPTNeoXConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 remat: str = "none"):
         self.config = config
+        self.remat = layers.check_remat(remat)
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.embed_in = layers.embed(config.vocab_size, config.hidden_size, init_std=config.initializer_range,
                                      **kw, rngs=rngs)

@@ -5,6 +5,10 @@ some checkpoints carry. `{i}` in a row marks a per-layer tensor: HF layer i fill
 of the stacked NNX leaf, whose path is the template without `{i}.`. Loading applies a row's ops in order; saving
 applies their inverses in reverse order. A row whose leaf the model does not have (a tied lm_head, a disabled bias)
 is inactive: its key is neither required nor accepted. Nothing here knows a model by name.
+
+Loading onto a mesh reads each device's block only: an op maps a box (a (start, stop) range per axis) of its output
+back to the box of its input that holds it (`read_box`) and forward to what that input box yields (`out_box`), so
+one device's block of an NNX leaf comes from a safetensors slice of the HF tensor, of only the layers it spans.
 """
 import contextlib
 import dataclasses
@@ -21,6 +25,8 @@ from flax import nnx
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from safetensors.numpy import save_file
+
+from factrecall_jax import errors, sharding
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -39,23 +45,47 @@ class Transpose:
     def inverse(self, x, config):
         return x.transpose(tuple(int(a) for a in np.argsort(self.perm)))
 
+    def read_box(self, box, config):
+        return [box[int(a)] for a in np.argsort(self.perm)]
+
+    def out_box(self, box, config):
+        return [box[a] for a in self.perm]
+
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """Splits one axis into several, e.g. N*H into (N, H); sizes are ints or names of config fields."""
+    """Splits one axis into several, e.g. N*H into (N, H); sizes are ints or names of config fields.
+
+    The first size is inferred, so a block of whole leading entries (one device's heads) splits as the full axis does.
+    """
 
     axis: int
     sizes: tuple[int | str, ...]
 
+    def _sizes(self, config):
+        return tuple(getattr(config, s) if isinstance(s, str) else s for s in self.sizes)
+
     def forward(self, x, config):
         axis = self.axis % x.ndim
-        sizes = tuple(getattr(config, s) if isinstance(s, str) else s for s in self.sizes)
-        return x.reshape(x.shape[:axis] + sizes + x.shape[axis + 1:])
+        return x.reshape(x.shape[:axis] + (-1, *self._sizes(config)[1:]) + x.shape[axis + 1:])
 
     def inverse(self, x, config):
         axis = self.axis % (x.ndim - len(self.sizes) + 1)
         end = axis + len(self.sizes)
         return x.reshape(x.shape[:axis] + (math.prod(x.shape[axis:end]),) + x.shape[end:])
+
+    def read_box(self, box, config):
+        """A range of leading entries with the other split axes whole is one contiguous range; else the whole axis."""
+        axis, sizes = self.axis % (len(box) - len(self.sizes) + 1), self._sizes(config)
+        (start, stop), rest, inner = box[axis], box[axis + 1:axis + len(sizes)], math.prod(sizes[1:])
+        whole = all(r == (0, n) for r, n in zip(rest, sizes[1:]))
+        merged = (start * inner, stop * inner) if whole else (0, math.prod(sizes))
+        return box[:axis] + [merged] + box[axis + len(sizes):]
+
+    def out_box(self, box, config):
+        axis, sizes = self.axis % len(box), self._sizes(config)
+        (start, stop), inner = box[axis], math.prod(sizes[1:])
+        return box[:axis] + [(start // inner, stop // inner)] + [(0, n) for n in sizes[1:]] + box[axis + 1:]
 
 
 def _to_nnx(ops, x, config):
@@ -93,17 +123,17 @@ def resolve(path_or_hub_id: str | os.PathLike) -> str:
     if os.path.isdir(path):
         return path
     if os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.path.exists(path):
-        raise FileNotFoundError(f"{path} is not a folder")
+        raise errors.MissingPath(f"{path} is not a folder")
     try:
         return snapshot_download(path, allow_patterns=HUB_PATTERNS)
     except Exception as e:  # offline, unknown repository, gated repository, malformed id: one message for all
-        raise FileNotFoundError(f"{path} is not a local folder and could not be downloaded: {e}") from e
+        raise errors.MissingPath(f"{path} is not a local folder and could not be downloaded: {e}") from e
 
 
 def read_config(folder: str) -> dict:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder} has no config.json")
+        raise errors.MissingPath(f"{folder} has no config.json")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -116,52 +146,83 @@ def _weight_map(folder: str) -> dict[str, str]:
     if os.path.isfile(os.path.join(folder, INDEX_FILE)):
         with open(os.path.join(folder, INDEX_FILE), encoding="utf-8") as f:
             return json.load(f)["weight_map"]
-    raise FileNotFoundError(f"{folder} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+    raise errors.MissingPath(f"{folder} has neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
-def load(model_cls, config, folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32) -> nnx.Module:
+def _read_block(tensor, ops, box, config, param_dtype) -> np.ndarray:
+    """NNX block `box` of one HF tensor (a safetensors slice): the HF box that covers it, converted, then cut out."""
+    hf_box = box
+    for op in reversed(ops):
+        hf_box = op.read_box(hf_box, config)
+    covered = hf_box
+    for op in ops:
+        covered = op.out_box(covered, config)
+    block = _to_nnx(ops, tensor[tuple(slice(*r) for r in hf_box)], config)
+    return block[tuple(slice(s - c, e - c) for (s, e), (c, _) in zip(box, covered))].astype(param_dtype)
+
+
+def _reader(tensors, row, shape, config, param_dtype):
+    """`index -> block` for jax.make_array_from_callback: one leaf's block, read from the layers it spans only."""
+    hf_key, _, per_layer, ops = row
+
+    def read(index):
+        box = [s.indices(n)[:2] for s, n in zip(index, shape)]
+        if not per_layer:
+            return _read_block(tensors[hf_key], ops, box, config, param_dtype)
+        return np.stack([_read_block(tensors[hf_key.format(i=i)], ops, box[1:], config, param_dtype)
+                         for i in range(*box[0])])
+
+    return read
+
+
+def load(model_cls, config, folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
+         mesh=None) -> nnx.Module:
     """Builds `model_cls(config)` with every parameter read from the safetensors in `folder`.
 
+    With a `mesh`, each parameter is laid out as `sharding.param_shardings` says and every device reads only its own
+    block, so no device ever holds more than its share; without one, parameters are whole, uncommitted arrays.
     All problems (missing, unexpected and mis-shaped tensors, parameters no table row fills) are collected and
-    raised together as one ValueError of one line, which launch scripts print as it is.
+    raised together as one ValueError of one line, which launch scripts print as it is, before any tensor is read.
     """
-    abstract = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0),
+                                                remat=remat))
     graphdef, _ = nnx.split(abstract)
     leaves = _flat_state(abstract)
-    rows = _active_rows(model_cls, leaves)
+    rows = {row[1]: row for row in _active_rows(model_cls, leaves)}
     weight_map = _weight_map(folder)
-    missing, wrong_shape, used, values = [], [], set(), {}
+    missing, wrong_shape, tensors = [], [], {}
     with contextlib.ExitStack() as stack:
         files = {name: stack.enter_context(safe_open(os.path.join(folder, name), framework="numpy"))
                  for name in sorted(set(weight_map.values()))}
-        for hf_key, path, per_layer, ops in rows:
+        for hf_key, path, per_layer, ops in rows.values():
             shape = leaves[path][1].shape
-            layer_shape = shape[1:] if per_layer else shape
             hf_shape = jax.eval_shape(lambda x, ops=ops: _to_hf(ops, x, config),
-                                      jax.ShapeDtypeStruct(layer_shape, jnp.float32)).shape
-            keys = [hf_key.format(i=i) for i in range(shape[0])] if per_layer else [hf_key]
-            parts = []
-            for key in keys:
+                                      jax.ShapeDtypeStruct(shape[1:] if per_layer else shape, jnp.float32)).shape
+            for key in [hf_key.format(i=i) for i in range(shape[0])] if per_layer else [hf_key]:
                 if key not in weight_map:
                     missing.append(key)
                     continue
-                used.add(key)
-                got = tuple(files[weight_map[key]].get_slice(key).get_shape())
-                if got != hf_shape:
+                tensors[key] = files[weight_map[key]].get_slice(key)
+                if (got := tuple(tensors[key].get_shape())) != hf_shape:
                     wrong_shape.append(f"{key} (expected {hf_shape}, got {got})")
-                    continue
-                parts.append(_to_nnx(ops, files[weight_map[key]].get_tensor(key), config).astype(param_dtype))
-            if len(parts) == len(keys):
-                values[path] = np.stack(parts) if per_layer else parts[0]
-    _, ignored = _tables(model_cls)
-    unexpected = sorted(k for k in set(weight_map) - used if not any(re.search(p, k) for p in ignored))
-    unmapped = sorted(set(leaves) - {row[1] for row in rows})
-    problems = [f"{label} ({len(names)}): {', '.join(names)}" for label, names in (
-        ("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape),
-        (f"parameters without a row in {model_cls.__module__}.HF_WEIGHTS", unmapped)) if names]
-    if problems:
-        raise ValueError(f"{folder} does not fit {model_cls.__name__}: " + "; ".join(problems))
-    state = nnx.from_flat_state([(p, var.replace(jnp.asarray(values[name]))) for name, (p, var) in leaves.items()])
+        _, ignored = _tables(model_cls)
+        unexpected = sorted(k for k in set(weight_map) - set(tensors) if not any(re.search(p, k) for p in ignored))
+        unmapped = sorted(set(leaves) - set(rows))
+        problems = [f"{label} ({len(names)}): {', '.join(names)}" for label, names in (
+            ("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape),
+            (f"parameters without a row in {model_cls.__module__}.HF_WEIGHTS", unmapped)) if names]
+        if problems:
+            raise errors.InvalidValue(f"{folder} does not fit {model_cls.__name__}: " + "; ".join(problems))
+
+        shardings = {} if mesh is None else _flat_state(sharding.param_shardings(nnx.state(abstract), mesh))
+
+        def value(name, shape):
+            read = _reader(tensors, rows[name], shape, config, param_dtype)
+            if mesh is None:
+                return jnp.asarray(read((slice(None),) * len(shape)))
+            return jax.make_array_from_callback(shape, shardings[name][1].get_value(), read)
+
+        state = nnx.from_flat_state([(p, var.replace(value(name, var.shape))) for name, (p, var) in leaves.items()])
     return nnx.merge(graphdef, state)
 
 

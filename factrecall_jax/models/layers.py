@@ -6,6 +6,7 @@ F intermediate_size, V vocab_size, L layers.
 """
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -13,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from factrecall_jax import errors, sharding
 
 # Logical axis names of the einsum letters that appear in weights; sharding.py maps them onto a mesh.
 LOGICAL_AXES = {"D": "embed", "N": "heads", "K": "kv_heads", "H": "head_dim", "F": "mlp", "V": "vocab", "C": None}
@@ -31,7 +34,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     """The activation transformers' ACT2FN[name] computes; unknown names fail here rather than at call time."""
     if name not in ACTIVATIONS:
-        raise ValueError(f"unsupported hidden_act {name!r}; supported: {', '.join(ACTIVATIONS)}")
+        raise errors.InvalidValue(f"unsupported hidden_act {name!r}; supported: {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
@@ -114,11 +117,12 @@ class RopeParameters:
 
     def __post_init__(self):
         if self.rope_type not in self.SUPPORTED:
-            raise ValueError(f"unsupported rope_type {self.rope_type!r}; supported: {', '.join(self.SUPPORTED)}")
+            raise errors.InvalidValue(f"unsupported rope_type {self.rope_type!r}; "
+                                      f"supported: {', '.join(self.SUPPORTED)}")
         if self.rope_type == "llama3":
             needed = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
             if missing := [name for name in needed if getattr(self, name) is None]:
-                raise ValueError(f"rope_type 'llama3' needs {', '.join(missing)} in rope_parameters")
+                raise errors.InvalidValue(f"rope_type 'llama3' needs {', '.join(missing)} in rope_parameters")
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any], default_partial_rotary_factor: float | None = None):
@@ -134,11 +138,16 @@ class RopeParameters:
             params.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
         fields = {f.name for f in dataclasses.fields(cls)}
         if unknown := sorted(set(params) - fields):
-            raise ValueError(f"unsupported rope_parameters keys {unknown}; supported: {sorted(fields)}")
+            raise errors.InvalidValue(f"unsupported rope_parameters keys {unknown}; supported: {sorted(fields)}")
         return cls(**params)
 
     def to_hf_config(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+# Model-config fields that must be positive integers where a config has them (None takes a default).
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 class HFConfig:
@@ -152,6 +161,10 @@ class HFConfig:
     default_partial_rotary_factor: ClassVar[float | None] = None
 
     def __post_init__(self):
+        for name in _SIZES:  # before a subclass divides by one of them
+            value = getattr(self, name, None)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise errors.InvalidValue(f"{name}={value!r} is invalid: expected a positive integer")
         if isinstance(self.eos_token_id, list):  # Llama 3.1 lists several; a tuple keeps the config hashable
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 
@@ -238,15 +251,39 @@ def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, 
     return make(rngs)
 
 
-def scan_layers(stacked: nnx.Module, x: jax.Array, *args, collect: bool = False):
+# What the backward pass keeps of each layer (`remat`): "none" keeps every intermediate; the others recompute the
+# layer's forward in the backward pass and keep only what the policy saves (jax.checkpoint_policies).
+REMAT_POLICIES = {
+    "none": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(remat: str) -> str:
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r} is invalid: expected one of {', '.join(REMAT_POLICIES)}")
+    return remat
+
+
+def scan_layers(stacked: nnx.Module, x: jax.Array, *args, collect: bool = False, remat: str = "none"):
     """x = layer_l(x, *args) for l = 0 .. L-1 under one jax.lax.scan, so compile time does not grow with depth.
 
-    collect=True also returns every layer's output, stacked [L, *x.shape].
+    collect=True also returns every layer's output, stacked [L, *x.shape]. The residual stream entering each layer
+    is split by rows over the ambient mesh's batch axes (`sharding.constrain_rows`); `remat` (REMAT_POLICIES) sets
+    what the backward pass keeps of each layer.
     """
     graphdef, state = nnx.split(stacked)
 
+    def layer(carry, layer_state):
+        return nnx.merge(graphdef, layer_state)(sharding.constrain_rows(carry), *args)
+
+    if REMAT_POLICIES[check_remat(remat)] is not None:
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat])
+
     def body(carry, layer_state):
-        out = nnx.merge(graphdef, layer_state)(carry, *args)
+        out = layer(carry, layer_state)
         return out, out if collect else None
 
     x, outputs = jax.lax.scan(body, x, state)
@@ -257,7 +294,8 @@ class CausalLM(nnx.Module):
     """embed -> the stacked layers (`self.layers`, one scan) -> unembed, with each stage callable on its own.
 
     The stages are public because the lean gradient trace differentiates one layer at a time and representation
-    analyses read the residual stream between layers. Subclasses set `config` and `layers` and name their embedding,
+    analyses read the residual stream between layers. Subclasses set `config`, `layers` and `remat` (what a training
+    step's backward pass keeps of each layer: REMAT_POLICIES) and name their embedding,
     final norm and head as their Hugging Face checkpoints do, returning them from `_ends`.
     """
 
@@ -284,7 +322,7 @@ class CausalLM(nnx.Module):
                  position_ids_BT: jax.Array | None = None) -> jax.Array:
         """Float32 logits [B, T, V]; attention_mask_BT is 1 for real tokens and 0 for padding."""
         x_BTD, layer_args = self.embed(input_ids_BT, attention_mask_BT, position_ids_BT)
-        return self.unembed(scan_layers(self.layers, x_BTD, *layer_args))
+        return self.unembed(scan_layers(self.layers, x_BTD, *layer_args, remat=self.remat))
 
     def hidden_states(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,
                       position_ids_BT: jax.Array | None = None) -> jax.Array:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from factrecall_jax import errors
 from factrecall_jax.models import layers
 from factrecall_jax.models.hf import Split, Transpose
 
@@ -47,8 +48,8 @@ class LlamaConfig(layers.HFConfig):
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads {self.num_key_value_heads}")
+            raise errors.InvalidValue(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                                      f"num_key_value_heads {self.num_key_value_heads}")
         layers.activation(self.hidden_act)
 
     @classmethod
@@ -110,8 +111,10 @@ class LlamaDecoderLayer(nnx.Module):
 class Llama(layers.CausalLM):
     """Llama causal LM; `layers` holds all decoder layers stacked on a leading axis L and runs them in one scan."""
 
-    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 remat: str = "none"):
         self.config = config
+        self.remat = layers.check_remat(remat)
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.embed_tokens = layers.embed(config.vocab_size, config.hidden_size, init_std=config.initializer_range,
                                          **kw, rngs=rngs)
