@@ -117,15 +117,16 @@ class Run:
         self.tokenized, self.tokenizer = load_data(config)
         self.tables = schedules.token_tables(self.tokenized, self.tokenizer.pad_token_id)
         self.config = resolve_batches(config, self.tables)
-        vocab_size = self.model_config()["vocab_size"]
+        self.model_config = self._architecture()
+        vocab_size = self.model_config["vocab_size"]
         if len(self.tokenizer) > vocab_size:  # an id past the embedding reads NaN, and NaN spreads to every logit
             raise errors.InvalidValue(
                 f"tokenizer={config.tokenizer!r} has {len(self.tokenizer)} tokens, more than the {vocab_size} of the "
                 f"vocabulary of init_from={config.init_from!r}: use the checkpoint's own tokenizer")
         self.mesh = make_mesh(self.config)
         self.graphdef, params = nnx.split(nnx.eval_shape(lambda: models.from_config(
-            self.model_config(), dtype=self.dtype, remat=self.config.train.remat)), nnx.Param)
-        self.abstract_params = _placed(params, sharding.param_shardings(params, self.mesh))
+            self.model_config, dtype=self.dtype, remat=self.config.train.remat)), nnx.Param)
+        self.abstract_params = sharding.abstract_on(params, sharding.param_shardings(params, self.mesh))
         self._evaluator = None
 
     @classmethod
@@ -136,8 +137,8 @@ class Run:
     def dtype(self):
         return DTYPES[self.config.dtype]
 
-    def model_config(self) -> dict:
-        """The architecture: init_from's config.json, else config.model with the tokenizer's vocabulary."""
+    def _architecture(self) -> dict:
+        """The model's config.json: init_from's, else config.model with the tokenizer's vocabulary."""
         if self.config.init_from:
             return models.hf.read_config(models.hf.resolve(self.config.init_from))
         return {**self.config.model.to_dict(), "vocab_size": len(self.tokenizer)}
@@ -149,7 +150,7 @@ class Run:
         if self.config.init_from:
             model = models.from_pretrained(self.config.init_from, **kw)
         else:
-            model = models.from_config(self.model_config(), seed=self.config.seed, **kw)
+            model = models.from_config(self.model_config, seed=self.config.seed, **kw)
         return nnx.split(model, nnx.Param)[1]
 
     def init_state(self, params: nnx.State, tx, step: int = 0) -> train_lib.TrainState:
@@ -160,7 +161,7 @@ class Run:
 
     def abstract_state(self, tx) -> train_lib.TrainState:
         like = jax.eval_shape(lambda p: train_lib.init_state(p, tx), self.abstract_params)
-        return _placed(like, sharding.state_shardings(like, self.mesh))
+        return sharding.abstract_on(like, sharding.state_shardings(like, self.mesh))
 
     def evaluator(self) -> evaluate.Evaluator:
         """Scores every split (BIO recall, QA accuracy in and out of distribution), batches split like training's;
@@ -182,11 +183,6 @@ class Run:
             checkpoints.close()
 
 
-def _placed(tree, shardings):
-    """Abstract arrays of `tree` that carry `shardings`: templates for jitted inits, restores and compiles."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def train(config, workdir: str, *, until_step: int | None = None, log=print) -> dict:
     """Trains `config.schedule` in `workdir`, evaluating every `config.train.eval_every` steps; returns the final
     evaluation. Resumes from the work directory's last checkpoint, or starts a fork from the stage boundary of
@@ -200,7 +196,7 @@ def train(config, workdir: str, *, until_step: int | None = None, log=print) -> 
     tc = run.config.train
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints or None)
     try:
-        state = _start(run, phases, checkpoints, log)
+        state = _start(run, phases, checkpoints, workdir, log)
         metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), int(state.step), tensorboard=tc.tensorboard)
         try:
             if int(state.step) == 0:
@@ -218,11 +214,11 @@ def train(config, workdir: str, *, until_step: int | None = None, log=print) -> 
     return final
 
 
-def _start(run: Run, phases, checkpoints: Checkpoints, log) -> train_lib.TrainState:
+def _start(run: Run, phases, checkpoints: Checkpoints, workdir: str, log) -> train_lib.TrainState:
     """The state a run continues from: its last checkpoint, a fork's stage boundary, or the initial parameters."""
     tx = phase_optimizer(phases, 0)[0]  # every phase's optimizer state has one structure: any serves as template
     if saved := checkpoints.steps():
-        log(f"resumed {run.workdir or 'the run'} at step {saved[-1]}")
+        log(f"resumed {workdir} at step {saved[-1]}")
         return checkpoints.restore(saved[-1], run.abstract_state(tx))
     if run.config.schedule == "two_stage" and run.config.two_stage.fork_from:
         boundary = schedules.phase_starts(phases)[1]

@@ -103,6 +103,11 @@ def _sharded_by_name(tree, mesh: Mesh, rules):
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def abstract_on(tree, shardings):
+    """Abstract arrays (shape, dtype) of `tree` that carry `shardings`: templates for restores, inits and compiles."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -45,10 +45,6 @@ def _rows(shape, mesh, split=True):
             for name, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))}
 
 
-def _placed(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def _train_steps(config, graphdef, params, mesh, tables):
     """(phase name, lowered fused steps) for every phase of both schedules."""
     for name in experiment.SCHEDULES:
@@ -57,7 +53,7 @@ def _train_steps(config, graphdef, params, mesh, tables):
         for index, phase in enumerate(phases):
             tx, lr = experiment.phase_optimizer(phases, index)
             state = jax.eval_shape(lambda p, tx=tx: train.init_state(p, tx), params)
-            state = _placed(state, sharding.state_shardings(state, mesh))
+            state = sharding.abstract_on(state, sharding.state_shardings(state, mesh))
             k = config.train.steps_per_call
             batches = {task: _rows((k, rows, _SEQ_LEN.value), mesh) for task, rows in phase.batch_sizes.items()}
             step = train.make_train_step(graphdef, tx, lr, task_weights=dict(config.train.task_weights),
@@ -118,7 +114,7 @@ def main(_):
     abstract = nnx.eval_shape(lambda: models.from_config(model_config, dtype=experiment.DTYPES[config.dtype],
                                                          remat=config.train.remat))
     graphdef, params = nnx.split(abstract, nnx.Param)
-    params = _placed(params, sharding.param_shardings(params, mesh))
+    params = sharding.abstract_on(params, sharding.param_shardings(params, mesh))
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     print(f"{model_config['model_type']}, {count / 1e9:.2f}B parameters, compute {config.dtype}, parameters and "
           f"AdamW float32, remat {config.train.remat!r}; mesh {dict(mesh.shape)} on {_DEVICES.value} CPU devices; "

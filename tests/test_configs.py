@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import config_file
-from factrecall_jax import configuration, data, experiment, train
+from factrecall_jax import configuration, data, errors, experiment, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -44,22 +44,37 @@ def test_config_validates_offline(name, args):
     configuration.validate(config_file(name, *args))
 
 
-# (flags, XLA CPU devices, message); "{tmp}" is the test's folder.
+# (overrides, message); "{tmp}" is the test's folder. Each is checked in this process through validate (as every
+# launch script calls it), and a few through the launch scripts themselves, below.
 BAD_SETTINGS = [
-    (("--config.mixed.steps=-5",), 1, "mixed.steps=-5 is invalid: expected a positive integer"),
-    (("--config.schedule=three_stage",), 1, "schedule='three_stage' is invalid: expected one of mixed, two_stage"),
-    (("--config.mesh.data=3",), 1, "mesh={'data': 3, 'fsdp': 1, 'tensor': 1}: mesh shape (3, 1, 1) needs 3 devices"),
-    (("--config.data.qa_train_fraction=1.0",), 1, "data.qa_train_fraction=1.0 is invalid: it puts 40 of the 40"),
-    (("--config.optimizer.learning_rate=0.0",), 1, "optimizer.learning_rate=0.0 is invalid: expected a positive"),
-    (("--config.tokenizer={tmp}/no_tokenizer",), 1, "tokenizer='{tmp}/no_tokenizer' is not a folder: expected"),
-    (("--config.dtype=float16",), 1, "dtype='float16' is invalid: expected one of float32, bfloat16"),
-    (("--config.mixed.bio_batch=3",), 2, "mixed.bio_batch=3 is invalid: expected a multiple of 2, the devices"),
-    (("--config.mixed.steps=0", "--config.dtype=float16"), 1,
+    ({"mixed.steps": -5}, "mixed.steps=-5 is invalid: expected a positive integer"),
+    ({"schedule": "three_stage"}, "schedule='three_stage' is invalid: expected one of mixed, two_stage"),
+    ({"mesh.data": 3}, "mesh={'data': 3, 'fsdp': 1, 'tensor': 1}: mesh shape (3, 1, 1) needs 3 devices"),
+    ({"data.qa_train_fraction": 1.0}, "data.qa_train_fraction=1.0 is invalid: it puts 40 of the 40"),
+    ({"optimizer.learning_rate": 0.0}, "optimizer.learning_rate=0.0 is invalid: expected a positive"),
+    ({"tokenizer": "{tmp}/no_tokenizer"}, "tokenizer='{tmp}/no_tokenizer' is not a folder: expected"),
+    ({"dtype": "float16"}, "dtype='float16' is invalid: expected one of float32, bfloat16"),
+    ({"mixed.steps": 0, "dtype": "float16"},
      "2 problems in the config: mixed.steps=0 is invalid: expected a positive integer; dtype='float16' is invalid"),
 ]
-# launch.reproduce checks what launch.train does, and the sections only it reads, before it writes its config.json.
-CASES = [("train", *case) for case in BAD_SETTINGS] + [
-    ("reproduce", *BAD_SETTINGS[0]),
+
+
+@pytest.mark.parametrize("overrides, message", BAD_SETTINGS, ids=[str(c[0]) for c in BAD_SETTINGS])
+def test_bad_config_value_is_named(tmp_path, overrides, message):
+    config = experiment.override(config_file("default.py", "tiny"),
+                                 **{k: v.replace("{tmp}", str(tmp_path)) if isinstance(v, str) else v
+                                    for k, v in overrides.items()})
+    with pytest.raises(errors.UserError) as raised:
+        configuration.validate(config, job="reproduce")
+    assert message.replace("{tmp}", str(tmp_path)) in str(raised.value)
+
+
+# (script, flags, XLA CPU devices, message): what the launch scripts do with a bad config.
+CASES = [
+    ("train", ("--config.mixed.steps=-5",), 1, BAD_SETTINGS[0][1]),
+    ("train", ("--config.mixed.bio_batch=3",), 2,
+     "mixed.bio_batch=3 is invalid: expected a multiple of 2, the devices"),
+    # launch.reproduce checks the sections only it reads too, before it writes its config.json
     ("reproduce", ("--config.trace.num_people=30",), 1, "trace.num_people=30 is invalid: expected at most 20")]
 
 
