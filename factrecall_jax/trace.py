@@ -10,6 +10,7 @@ example's loss with respect to every parameter:
 """
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -23,6 +24,7 @@ import safetensors.numpy
 from flax import nnx
 
 from factrecall_jax import errors, sharding
+from factrecall_jax.models import layers
 
 STACKED_KEY = "layers"
 
@@ -39,6 +41,21 @@ class TraceResult:
     layer_pair_dot: jax.Array
     layer_bio_sq_norm: jax.Array
     layer_qa_sq_norm: jax.Array
+
+
+@flax.struct.dataclass
+class PairStatistics:
+    """The per-pair fields of a TraceResult alone (`pair_statistics`): dot products and squared norms of paired
+    gradients, [n] and per stacked layer [n, L]."""
+    pair_dot: jax.Array
+    bio_sq_norm: jax.Array
+    qa_sq_norm: jax.Array
+    layer_pair_dot: jax.Array
+    layer_bio_sq_norm: jax.Array
+    layer_qa_sq_norm: jax.Array
+
+
+_PAIR_FIELDS = tuple(f.name for f in dataclasses.fields(PairStatistics))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +83,17 @@ class StackedLoss:
         return self.head(params, jax.lax.scan(body, x, params[STACKED_KEY])[0], example)
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelLoss(StackedLoss):
+    """The per-example loss of a `models` causal LM in stages (`lm_loss`), with the modules that compute it.
+
+    Its modules tap (`layers.Tape`), so the lean path runs one forward and one backward pass per chunk and builds every
+    per-example gradient from each module's input and output gradient, never running a layer twice.
+    """
+    graphdef: nnx.GraphDef = None
+    layer_graphdef: nnx.GraphDef = None
+
+
 def example_loss(logits_TV: jax.Array, example: Mapping[str, jax.Array]) -> jax.Array:
     """Mean next-token cross-entropy over the example's weighted positions (the fact's tokens), 0 if it has none."""
     losses_T = optax.softmax_cross_entropy_with_integer_labels(logits_TV, example["targets"])
@@ -73,7 +101,16 @@ def example_loss(logits_TV: jax.Array, example: Mapping[str, jax.Array]) -> jax.
     return jnp.sum(losses_T * weights_T) / jnp.maximum(jnp.sum(weights_T), 1.0)
 
 
-def lm_loss(graphdef: nnx.GraphDef, params: nnx.State) -> StackedLoss:
+def _embed_example(model, example):
+    mask = example.get("attention_mask")
+    return model.embed(example["inputs"][None], None if mask is None else mask[None])
+
+
+def _head_example(model, x, example):
+    return example_loss(model.unembed(x)[0], example)
+
+
+def lm_loss(graphdef: nnx.GraphDef, params: nnx.State) -> ModelLoss:
     """The per-example loss of a `models` causal LM (Llama, GPT-NeoX) in stages.
 
     An example is one row: {"inputs", "targets", "weights"} [T], optionally "attention_mask" [T] (1 for real tokens).
@@ -83,19 +120,18 @@ def lm_loss(graphdef: nnx.GraphDef, params: nnx.State) -> StackedLoss:
 
 
 @functools.lru_cache(maxsize=8)
-def _lm_loss(graphdef: nnx.GraphDef, layer_graphdef: nnx.GraphDef) -> StackedLoss:
+def _lm_loss(graphdef: nnx.GraphDef, layer_graphdef: nnx.GraphDef) -> ModelLoss:
 
     def embed(params, example):
-        mask = example.get("attention_mask")
-        return nnx.merge(graphdef, params).embed(example["inputs"][None], None if mask is None else mask[None])
+        return _embed_example(nnx.merge(graphdef, params), example)
 
     def layer(layer_params, x, layer_args):
         return nnx.merge(layer_graphdef, layer_params)(x, *layer_args)
 
     def head(params, x, example):
-        return example_loss(nnx.merge(graphdef, params).unembed(x)[0], example)
+        return _head_example(nnx.merge(graphdef, params), x, example)
 
-    return StackedLoss(embed, layer, head)
+    return ModelLoss(embed, layer, head, graphdef, layer_graphdef)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -111,77 +147,85 @@ def _is_stacked(path) -> bool:
     return isinstance(path[0], jax.tree_util.DictKey) and path[0].key == STACKED_KEY
 
 
-def _contract(bio_CX: Sequence[jax.Array], qa_CX: Sequence[jax.Array], valid_C: jax.Array, dtype, per_layer: bool):
-    """Sums over a chunk's valid pairs of |g_bio|, |g_qa|, g_bio * g_qa (one array per leaf), and per pair the dot
-    product and squared norms, summed over the leaves ([C]) or, with per_layer, per index of their second axis
-    ([C, L], for stacked leaves [C, L, ...])."""
+def _reduce_pairs(b: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(sum |b|, sum |q|, sum b * q) over the leading pair axis, in one pass over b and q (a variadic reduction:
+    XLA:CPU runs three separate reductions over a major axis several times slower)."""
+    return jax.lax.reduce((jnp.abs(b), jnp.abs(q), b * q), (jnp.zeros((), b.dtype),) * 3,
+                          lambda x, y: tuple(u + v for u, v in zip(x, y)), (0,))
+
+
+def _contract(bio_CX: Sequence[jax.Array], qa_CX: Sequence[jax.Array], dtype, per_layer: bool):
+    """Sums over a chunk's pairs of |g_b|, |g_q|, g_b * g_q (one array per leaf), and per pair the dot product and
+    squared norms, summed over the leaves ([C]) or, with per_layer, per index of their second axis ([C, L], for
+    stacked leaves [C, L, ...]). Padding pairs have zero gradients."""
     keep = 2 if per_layer else 1
-    weights_C = valid_C.astype(dtype)
     sums, pair_sums = ([], [], []), [0.0, 0.0, 0.0]
     with jax.named_scope(CONTRACT_SCOPE):
         for bio, qa in zip(bio_CX, qa_CX):
             b, q = (x.reshape(*x.shape[:keep], -1).astype(dtype) for x in (bio, qa))
-            # The products are written once and read by both the sum over pairs and the per-pair sums. Left to
-            # itself, XLA:CPU fuses each product into each reduction and tree-rewrites those into slow kernels.
-            products = jax.lax.optimization_barrier((b * q, b * b, q * q))
-            for total, x in zip(sums, (jnp.abs(b), jnp.abs(q), products[0])):
-                total.append(jnp.tensordot(weights_C, x, axes=1).reshape(bio.shape[1:]))
-            for i, p in enumerate(products):
+            for total, x in zip(sums, _reduce_pairs(b, q)):
+                total.append(x.reshape(bio.shape[1:]))
+            # The products are written once: left to itself, XLA:CPU fuses each product into its reduction and
+            # tree-rewrites those into slow kernels.
+            for i, p in enumerate(jax.lax.optimization_barrier((b * q, b * b, q * q))):
                 pair_sums[i] += jnp.sum(p, axis=-1)
     return sums, tuple(pair_sums)
 
 
-def _pair_sums(bio_CX, qa_CX, valid_C, dtype, stacked):
+def _pair_sums(bio_CX, qa_CX, dtype, stacked):
     """_contract over whole-model per-example gradients (lists of leaves), with per-layer dots over `stacked` leaves."""
-    sums, totals = _contract(bio_CX, qa_CX, valid_C, dtype, per_layer=False)
+    sums, totals = _contract(bio_CX, qa_CX, dtype, per_layer=False)
     pick = lambda leaves: [g for g, s in zip(leaves, stacked) if s]  # noqa: E731
     if any(stacked):
-        layers = _contract(pick(bio_CX), pick(qa_CX), valid_C, dtype, per_layer=True)[1]
+        layers_ = _contract(pick(bio_CX), pick(qa_CX), dtype, per_layer=True)[1]
     else:
-        layers = (jnp.zeros((len(valid_C), 0), dtype),) * 3
-    return sums, (*totals, *layers)
+        layers_ = (jnp.zeros((len(bio_CX[0]), 0), dtype),) * 3
+    return sums, (*totals, *layers_)
 
 
-def _whole_model_chunk(loss, params, acc, bio_C, qa_C, valid_C, dtype):
+def _whole_model_chunk(loss, params, acc, bio_C, qa_C, valid_C, dtype, group):
     """`acc` (the three sums, lists of leaves) plus a chunk's contraction from whole-model per-example gradients,
     for a loss with no stages; and the chunk's per-pair sums."""
-    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))
+    grads = jax.vmap(jax.grad(lambda p, example, valid: valid * loss(p, example)), in_axes=(None, 0, 0))
     stacked = [_is_stacked(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    sums, pairs = _pair_sums(jax.tree.leaves(grads(params, bio_C)), jax.tree.leaves(grads(params, qa_C)), valid_C,
+    valid = valid_C.astype(dtype)
+    sums, pairs = _pair_sums(jax.tree.leaves(grads(params, bio_C, valid)), jax.tree.leaves(grads(params, qa_C, valid)),
                              dtype, stacked)
     return jax.tree.map(jnp.add, acc, sums), pairs
 
 
-def _staged_chunk(loss: StackedLoss, params, acc, bio_C, qa_C, valid_C, dtype):
-    """`acc` plus a chunk's contraction one layer at a time: per-example gradients exist for one layer of C pairs at
-    once.
+def _staged_chunk(loss: StackedLoss, params, acc, bio_C, qa_C, valid_C, dtype, group):
+    """`acc` plus a chunk's contraction one layer at a time, for any StackedLoss: per-example gradients exist for one
+    layer of C pairs at once.
 
     Forward: each example's layer inputs are kept (as a training step keeps activations). Backward: a scan over the
-    layers from the top pulls each example's cotangent through layer l, contracts layer l's per-example gradients at
-    once and adds them into slice l of the sums, in place (a fresh [L, ...] array per chunk would be a second copy
-    of the three parameter-sized sums). The vocabulary-sized embedding and head are contracted one pair at a time,
-    from the cotangent that reaches the embeddings and the last layer's output.
+    layers from the top pulls each example's cotangent through layer l (running the layer's forward again inside its
+    `vjp`), contracts layer l's per-example gradients at once and adds them into slice l of the sums, in place. The
+    embedding and head are contracted one pair at a time, from the cotangent that reaches the embeddings and the last
+    layer's output.
     """
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     stacked = [_is_stacked(path) for path, _ in path_leaves]
     outer = [x for (_, x), s in zip(path_leaves, stacked) if not s]
-    layers = params[STACKED_KEY]
+    layers_ = params[STACKED_KEY]
 
     def with_outer(outer_leaves):
         it, leaves = iter(outer_leaves), jax.tree.leaves(params)
         return jax.tree.unflatten(treedef, [x if s else next(it) for x, s in zip(leaves, stacked)])
 
-    def forward(example):
+    def forward(example, valid):
         x, layer_args = loss.embed(params, example)
 
         def body(x, layer_params):
             return loss.layer(layer_params, x, layer_args), x
 
-        x_last, layer_inputs = jax.lax.scan(body, x, layers)
-        return layer_inputs, x_last, jax.grad(loss.head, argnums=1)(params, x_last, example), layer_args
+        x_last, layer_inputs = jax.lax.scan(body, x, layers_)
+        dx = jax.grad(lambda x: valid * loss.head(params, x, example))(x_last)
+        return layer_inputs, x_last, dx, layer_args
 
+    valid = valid_C.astype(dtype)
     (bio_inputs, bio_last, bio_dx, bio_args), (qa_inputs, qa_last, qa_dx, qa_args) = (
-        jax.vmap(forward)(bio_C), jax.vmap(forward)(qa_C))
+        jax.vmap(forward)(bio_C, valid), jax.vmap(forward)(qa_C, valid))
 
     def layer_grads(layer_params, x_C, args_C, dx_C):
         def one(x, args, dx):
@@ -193,32 +237,32 @@ def _staged_chunk(loss: StackedLoss, params, acc, bio_C, qa_C, valid_C, dtype):
         index, layer_params, bio_x, qa_x = xs
         (bio_g, bio_dx), (qa_g, qa_dx) = (layer_grads(layer_params, bio_x, bio_args, bio_dx),
                                           layer_grads(layer_params, qa_x, qa_args, qa_dx))
-        sums, pairs = _contract(jax.tree.leaves(bio_g), jax.tree.leaves(qa_g), valid_C, dtype, False)
+        sums, pairs = _contract(jax.tree.leaves(bio_g), jax.tree.leaves(qa_g), dtype, False)
         layer_acc = tuple([a.at[index].add(x) for a, x in zip(a_i, s_i)] for a_i, s_i in zip(layer_acc, sums))
         return ((bio_dx, qa_dx), layer_acc), pairs
 
     pick = lambda leaves, keep: [x for x, s in zip(leaves, stacked) if s == keep]  # noqa: E731
     layer_axis_first = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731  [C, L, ...] -> [L, C, ...]
-    num_layers = jax.tree.leaves(layers)[0].shape[0]
+    num_layers = jax.tree.leaves(layers_)[0].shape[0]
     ((bio_dx0, qa_dx0), layer_sums), layer_pairs = jax.lax.scan(
         backward, ((bio_dx, qa_dx), tuple(pick(a, True) for a in acc)),
-        (jnp.arange(num_layers), layers, layer_axis_first(bio_inputs), layer_axis_first(qa_inputs)), reverse=True)
+        (jnp.arange(num_layers), layers_, layer_axis_first(bio_inputs), layer_axis_first(qa_inputs)), reverse=True)
 
-    def outer_grad(example, x_last, dx0):
+    def outer_grad(example, x_last, dx0, valid):
         def direct(outer_leaves):  # the head's own dependence plus the embeddings' share of the layers' gradient
             p = with_outer(outer_leaves)
-            return loss.head(p, x_last, example) + jnp.vdot(loss.embed(p, example)[0], dx0)
+            return valid * loss.head(p, x_last, example) + jnp.vdot(loss.embed(p, example)[0], dx0)
         return jax.grad(direct)(outer)
 
     @jax.named_scope(OUTER_SCOPE)
     def per_pair(acc, xs):
         bio_ex, b_last, b_dx0, qa_ex, q_last, q_dx0, valid = xs
-        sums, pairs = _contract([g[None] for g in outer_grad(bio_ex, b_last, b_dx0)],
-                                [g[None] for g in outer_grad(qa_ex, q_last, q_dx0)], valid[None], dtype, False)
+        sums, pairs = _contract([g[None] for g in outer_grad(bio_ex, b_last, b_dx0, valid)],
+                                [g[None] for g in outer_grad(qa_ex, q_last, q_dx0, valid)], dtype, False)
         return jax.tree.map(jnp.add, acc, sums), jax.tree.map(lambda x: x[0], pairs)
 
     outer_sums, outer_pairs = jax.lax.scan(
-        per_pair, tuple(pick(a, False) for a in acc), (bio_C, bio_last, bio_dx0, qa_C, qa_last, qa_dx0, valid_C))
+        per_pair, tuple(pick(a, False) for a in acc), (bio_C, bio_last, bio_dx0, qa_C, qa_last, qa_dx0, valid))
 
     def merged(outer_leaves, layer_leaves):
         it_outer, it_layer = iter(outer_leaves), iter(layer_leaves)
@@ -230,14 +274,300 @@ def _staged_chunk(loss: StackedLoss, params, acc, bio_C, qa_C, valid_C, dtype):
     return sums, (*totals, *layer_pairs_CL)
 
 
-def _trace(loss, params, bio_batch, qa_batch, method, chunk_size, dtype):
+# --------------------------------------------------------------------------------------------------------------------
+# Per-example gradients factored through the modules' taps (ModelLoss)
+# --------------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _OneHot:
+    """Token ids [..., B, T] standing for their one-hot vectors over the vocabulary (never built)."""
+    ids: jax.Array
+
+
+jax.tree_util.register_pytree_node(_OneHot, lambda x: ((x.ids,), None), lambda _, children: _OneHot(*children))
+
+
+def _tapped_forward(loss: ModelLoss, params, static: dict, example, probes):
+    """(loss, taps) of one example, each stage under a layers.Tape: taps = {"embed", "layers", "head": the tapped
+    inputs, or with probes=None the outputs, by key; the layers' stacked [L, ...]}. The tapes' modules and aliases
+    land in `static` (the same for every example)."""
+    model = nnx.merge(loss.graphdef, params)
+    pick = lambda tape: tape.outputs if probes is None else tape.inputs  # noqa: E731
+
+    def tapped(stage, root, fn):
+        with layers.Tape(root, None if probes is None else probes[stage]) as tape:
+            out = fn()
+        static[stage] = (tape.modules, tape.aliases)
+        return out, pick(tape)
+
+    (x, layer_args), embed_taps = tapped("embed", model, lambda: _embed_example(model, example))
+
+    def body(x, xs):
+        layer_params, layer_probes = xs
+        layer = nnx.merge(loss.layer_graphdef, layer_params)
+        with layers.Tape(layer, layer_probes) as tape:
+            x = layer(x, *layer_args)
+        static["layers"] = (tape.modules, tape.aliases)
+        return x, pick(tape)
+
+    x, layer_taps = jax.lax.scan(body, x, (params[STACKED_KEY], None if probes is None else probes["layers"]))
+    value, head_taps = tapped("head", model, lambda: _head_example(model, x, example))
+    return value, {"embed": embed_taps, "layers": layer_taps, "head": head_taps}
+
+
+def _taps(loss: ModelLoss, params, batch_C, valid_C):
+    """One forward and one backward pass over a chunk: (static, inputs, output gradients) of every tap, each with a
+    leading pair axis C (the layers' [L, C, ...]). Padding pairs (valid 0) get zero output gradients."""
+    static = {}
+    forward = functools.partial(_tapped_forward, loss, params, static)
+    axes = {"embed": 0, "layers": 1, "head": 0}
+    shapes = jax.eval_shape(jax.vmap(lambda example: forward(example, None)[1], out_axes=axes), batch_C)
+
+    def total(probes):
+        values, inputs = jax.vmap(forward, in_axes=(0, axes), out_axes=(0, axes))(batch_C, probes)
+        return jnp.vdot(values, valid_C.astype(values.dtype)), inputs
+
+    grads, inputs = jax.grad(total, has_aux=True)(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+    by_rows = lambda taps: {stage: jax.tree.map(lambda x: sharding.constrain_rows(x, axes[stage]), t)  # noqa: E731
+                            for stage, t in taps.items()}
+    return static, by_rows(inputs), by_rows(grads)
+
+
+def _terms(static, inputs, grads) -> dict[str, list]:
+    """{parameter path: [(einsum spec, operands)]}: the terms each parameter's per-example gradient sums, from one
+    stage's taps (operands keep the taps' leading axes)."""
+    modules, aliases = static
+    terms = {}
+    for key, dy in grads.items():
+        module_path, name = key.rsplit("/", 1)
+        x = inputs[aliases.get(key, key)]
+        for param, (spec, kinds) in modules[key].grad_specs(name).items():
+            operands = tuple({"x": x, "dy": dy, "onehot": _OneHot(x)}[kind] for kind in kinds)
+            terms.setdefault(f"{module_path}.{param}".lstrip("."), []).append((spec, operands))
+    return terms
+
+
+def _leaf_terms(terms: dict, names: Sequence[str]) -> list[list]:
+    if missing := [name for name in names if name not in terms]:
+        raise ValueError(f"no tapped module computes the gradient of {', '.join(missing)}: the factored trace needs "
+                         "every parameter's module to tap (models.layers.Tape)")
+    return [terms[name] for name in names]
+
+
+def _materialize(terms, shape, dtype) -> jax.Array:
+    """The per-example gradients [G, *shape] that `terms` (operands with one leading axis G) sum to."""
+    total = 0
+    for spec, operands in terms:
+        if isinstance(operands[0], _OneHot):  # a lookup: rows of dy added at the token ids
+            ids, dy = operands[0].ids, operands[1]
+            g = ids.shape[0]
+            total = total + jnp.zeros((g, *shape), dtype).at[jnp.arange(g)[:, None], ids.reshape(g, -1)].add(
+                dy.reshape(g, -1, shape[-1]).astype(dtype))
+        else:
+            inputs, out = spec.split("->")
+            total = total + jnp.einsum(",".join("..." + x for x in inputs.split(",")) + "->..." + out, *operands,
+                                       preferred_element_type=dtype)
+    return total
+
+
+def _letters(spec: str):
+    inputs, out = spec.split("->")
+    return inputs.split(","), out
+
+
+def _factorable(term) -> bool:
+    """Two operands that share only summed letters (positions) and split the parameter's axes between them."""
+    operands, out = _letters(term[0])
+    if len(operands) != 2:
+        return False
+    summed = (set(operands[0]) & set(operands[1])) - set(out)
+    sides = [set(x) - summed for x in operands]
+    return not (sides[0] & sides[1]) and sides[0] | sides[1] == set(out)
+
+
+def _rows(term, axes: str):
+    """The operand of a factorable term that carries parameter axes `axes`, as [C, positions, features] (features in
+    the order of `axes`), or as _OneHot ids [C, positions]."""
+    operands, out = _letters(term[0])
+    summed = "".join(c for c in operands[0] if c in operands[1] and c not in out)
+    for letters, x in zip(operands, term[1]):
+        if set(letters) - set(summed) == set(axes):
+            if isinstance(x, _OneHot):
+                return _OneHot(x.ids.reshape(x.ids.shape[0], -1))
+            features = "".join(c for c in axes if c in letters)
+            x = jnp.einsum(f"...{letters}->...{summed}{features}", x)
+            return x.reshape(x.shape[0], math.prod(x.shape[1:1 + len(summed)]), -1)
+    raise ValueError(f"no operand of {term[0]} carries the axes {axes}")
+
+
+def _gram(u, v, dtype) -> jax.Array:
+    """[C, n_u, n_v]: inner products between the positions of u and v (_rows), one-hot ids compared or gathered."""
+    if isinstance(u, _OneHot) and isinstance(v, _OneHot):
+        return (u.ids[:, :, None] == v.ids[:, None, :]).astype(dtype)
+    if isinstance(v, _OneHot):
+        return jnp.swapaxes(_gram(v, u, dtype), 1, 2)
+    if isinstance(u, _OneHot):
+        return jnp.take_along_axis(v, u.ids[:, None, :], axis=2).swapaxes(1, 2).astype(dtype)
+    return jnp.einsum("cnf,cmf->cnm", u, v, preferred_element_type=dtype)
+
+
+def _pair_dot(terms_b, terms_q, shape, dtype) -> jax.Array:
+    """[C]: <g_b, g_q> of each pair, from the terms of their gradients (operands with a leading pair axis C).
+
+    Factorable terms never form the gradient: for g = sum_t a_t (x) d_t, <g_b, g_q> = sum_ts (a_b a_q^T)_ts
+    (d_b d_q^T)_ts, at positions^2 (features) instead of the parameter's size (ghost clipping's identity). Other
+    parameters (norm scales, biases: small) are formed and multiplied."""
+    if all(map(_factorable, terms_b + terms_q)):
+        total = 0
+        for tb in terms_b:
+            operands, out = _letters(tb[0])
+            sides = [[c for c in out if c in x] for x in operands]
+            for tq in terms_q:
+                total = total + _gram(_rows(tb, sides[0]), _rows(tq, sides[0]), dtype) * _gram(
+                    _rows(tb, sides[1]), _rows(tq, sides[1]), dtype)
+        return jnp.sum(total, axis=(1, 2))
+    b, q = _materialize(terms_b, shape, dtype), _materialize(terms_q, shape, dtype)
+    return jnp.sum((b * q).reshape(b.shape[0], -1), axis=1)
+
+
+def _pair_dots(terms_b, terms_q, shape, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """([C] each) g_b . g_q, |g_b|^2 and |g_q|^2 of each pair."""
+    return (_pair_dot(terms_b, terms_q, shape, dtype), _pair_dot(terms_b, terms_b, shape, dtype),
+            _pair_dot(terms_q, terms_q, shape, dtype))
+
+
+def _lookup_sums(terms_b, terms_q, shape, dtype):
+    """_contract_terms of a parameter whose gradients are embedding lookups alone (an untied embedding): each
+    example's gradient is formed at the rows its tokens use only, never as a [V, D] array."""
+    (_, (onehot_b, dy_b)), (_, (onehot_q, dy_q)) = terms_b[0], terms_q[0]
+    ids_b, ids_q = (x.ids.reshape(x.ids.shape[0], -1) for x in (onehot_b, onehot_q))
+    dy_b, dy_q = (x.reshape(*ids.shape, -1).astype(dtype) for x, ids in ((dy_b, ids_b), (dy_q, ids_q)))
+
+    def at_rows(ids, other_ids, other_dy):  # [C, n, D]: other's gradient row at each of ids' tokens
+        return jnp.einsum("cns,csd->cnd", (ids[:, :, None] == other_ids[:, None, :]).astype(dtype), other_dy)
+
+    def first(ids):  # [C, n, 1]: the position is its token's first occurrence in the example
+        n = ids.shape[1]
+        earlier = (ids[:, :, None] == ids[:, None, :]) & (jnp.arange(n)[None, None, :] < jnp.arange(n)[None, :, None])
+        return (~earlier.any(axis=2))[..., None].astype(dtype)
+
+    def scatter(ids, values):
+        return jnp.zeros(shape, dtype).at[ids.reshape(-1)].add(values.reshape(-1, shape[-1]))
+
+    row_b, row_q = at_rows(ids_b, ids_b, dy_b), at_rows(ids_q, ids_q, dy_q)
+    return (scatter(ids_b, first(ids_b) * jnp.abs(row_b)), scatter(ids_q, first(ids_q) * jnp.abs(row_q)),
+            scatter(ids_b, first(ids_b) * row_b * at_rows(ids_b, ids_q, dy_q)))
+
+
+# A parameter whose per-example gradients for a whole chunk take at most this many elements is contracted at once.
+_SMALL = 2**20
+
+
+def _contract_terms(terms_b, terms_q, shape, group: int, dtype):
+    """(sum |g_b|, sum |g_q|, sum g_b * g_q) over a chunk's pairs of one parameter, from the terms of its gradients.
+
+    The gradients exist for `group` pairs at a time (a scan over the chunk): one pair's fits in a CPU's cache, so
+    forming it, reading it and adding it costs about what the chunk's batched weight gradient costs; forming the whole
+    chunk's first would write and read them through memory. `group` is a multiple of the devices the pairs are split
+    over; each step takes the same share of every device's pairs."""
+    if all(isinstance(ops[0], _OneHot) for _, ops in terms_b + terms_q):
+        return _lookup_sums(terms_b, terms_q, shape, dtype)
+    num_pairs = jax.tree.leaves(terms_b[0][1])[0].shape[0]
+    if num_pairs * math.prod(shape) <= _SMALL or group >= num_pairs:
+        return _reduce_pairs(_materialize(terms_b, shape, dtype), _materialize(terms_q, shape, dtype))
+
+    def steps(x):  # [C, ...] -> [C // group, group, ...]; pair g * (C // group) + s at step s
+        x = jnp.swapaxes(x.reshape(group, num_pairs // group, *x.shape[1:]), 0, 1)
+        return sharding.constrain_rows(x, axis=1)
+
+    def body(sums, xs):
+        terms = [[(spec, ops) for (spec, _), ops in zip(t, x)] for t, x in zip((terms_b, terms_q), xs)]
+        b, q = (_materialize(t, shape, dtype) for t in terms)
+        return tuple(a + x for a, x in zip(sums, _reduce_pairs(b, q))), None
+
+    operands = jax.tree.map(steps, [[ops for _, ops in t] for t in (terms_b, terms_q)])
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(3))
+    return jax.lax.scan(body, zeros, operands)[0]
+
+
+def _factored_chunk(loss: ModelLoss, params, acc, bio_C, qa_C, valid_C, dtype, group, sums=True):
+    """`acc` plus a chunk's contraction, every per-example gradient built from the taps of one forward and one
+    backward pass per task (`_taps`); and the chunk's per-pair sums. Without `sums`, only the per-pair sums
+    (`pair_statistics`): no per-example gradient is formed but those of small parameters."""
+    path_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    stacked = [_is_stacked(path) for path, _ in path_leaves]
+    names = [_path_name(path) for path, _ in path_leaves]
+    shapes = [x.shape for _, x in path_leaves]
+    (static_b, inputs_b, grads_b), (static_q, inputs_q, grads_q) = (_taps(loss, params, batch, valid_C)
+                                                                    for batch in (bio_C, qa_C))
+    layer_leaves = [(name.split(".", 1)[1], shape[1:]) for name, shape, s in zip(names, shapes, stacked) if s]
+    outer_leaves = [(name, shape) for name, shape, s in zip(names, shapes, stacked) if not s]
+
+    def contract(leaves, terms_b, terms_q):
+        """(the three sums per leaf, or None without `sums`; the three per-pair sums over the leaves)"""
+        tb, tq = (_leaf_terms(t, [name for name, _ in leaves]) for t in (terms_b, terms_q))
+        pairs = [sum(x) for x in zip(*(_pair_dots(b, q, shape, dtype) for b, q, (_, shape) in zip(tb, tq, leaves)))]
+        if not sums:
+            return None, pairs
+        with jax.named_scope(CONTRACT_SCOPE):
+            return [_contract_terms(b, q, shape, group, dtype) for b, q, (_, shape) in zip(tb, tq, leaves)], pairs
+
+    def layer_body(layer_acc, xs):
+        index, in_b, dy_b, in_q, dy_q = xs
+        layer_sums, pairs = contract(layer_leaves, _terms(static_b["layers"], in_b, dy_b),
+                                     _terms(static_q["layers"], in_q, dy_q))
+        if sums:
+            layer_acc = tuple([a.at[index].add(x) for a, x in zip(a_i, s_i)]
+                              for a_i, s_i in zip(layer_acc, zip(*layer_sums)))
+        return layer_acc, pairs
+
+    pick = lambda leaves, keep: [x for x, s in zip(leaves, stacked) if s == keep]  # noqa: E731
+    num_layers = shapes[stacked.index(True)][0]
+    layer_acc = tuple(pick(a, True) for a in acc) if sums else ()
+    layer_acc, layer_pairs = jax.lax.scan(
+        layer_body, layer_acc, (jnp.arange(num_layers), inputs_b["layers"], grads_b["layers"], inputs_q["layers"],
+                                grads_q["layers"]))
+
+    def outer_terms(static, inputs, grads):
+        terms = {}
+        for stage in ("embed", "head"):
+            for name, t in _terms(static[stage], inputs[stage], grads[stage]).items():
+                terms.setdefault(name, []).extend(t)
+        return terms
+
+    with jax.named_scope(OUTER_SCOPE):
+        outer_sums, outer_pairs = contract(outer_leaves, outer_terms(static_b, inputs_b, grads_b),
+                                           outer_terms(static_q, inputs_q, grads_q))
+    layer_pairs_CL = tuple(x.T for x in layer_pairs)
+    totals = tuple(o + l.sum(axis=1) for o, l in zip(outer_pairs, layer_pairs_CL))
+    if not sums:
+        return acc, (*totals, *layer_pairs_CL)
+    outer_acc = [[a + x for a, x in zip(a_i, s_i)] for a_i, s_i in zip((pick(a, False) for a in acc),
+                                                                       zip(*outer_sums))]
+
+    def merged(outer_leaves, layer_leaves):
+        it_outer, it_layer = iter(outer_leaves), iter(layer_leaves)
+        return [next(it_layer) if s else next(it_outer) for s in stacked]
+
+    return tuple(merged(o, l) for o, l in zip(outer_acc, layer_acc)), (*totals, *layer_pairs_CL)
+
+
+def _chunk_fn(loss, method):
+    if method == "reference":
+        return _whole_model_chunk
+    if isinstance(loss, ModelLoss):
+        return _factored_chunk
+    return _staged_chunk if isinstance(loss, StackedLoss) else _whole_model_chunk
+
+
+def _trace(loss, params, bio_batch, qa_batch, method, chunk_size, dtype, group, sums=True):
     n = jax.tree.leaves(bio_batch)[0].shape[0]
     if method == "reference":
-        chunk_size, num_chunks = n, 1
-        chunk_fn = _whole_model_chunk
-    else:
-        num_chunks = -(-n // chunk_size)
-        chunk_fn = _staged_chunk if isinstance(loss, StackedLoss) else _whole_model_chunk
+        chunk_size = n
+    num_chunks = -(-n // chunk_size)
+    chunk_fn = _chunk_fn(loss, method)
+    if not sums:
+        chunk_fn = functools.partial(_factored_chunk, sums=False)
     index = jnp.arange(num_chunks * chunk_size)
     valid = (index < n).reshape(num_chunks, chunk_size)
 
@@ -251,25 +581,39 @@ def _trace(loss, params, bio_batch, qa_batch, method, chunk_size, dtype):
         return jax.tree.leaves(sharding.constrain_by_name(jax.tree.unflatten(treedef, leaves)))
 
     def body(acc, xs):
-        acc, pairs = chunk_fn(loss, params, acc, *xs, dtype)
+        acc, pairs = chunk_fn(loss, params, acc, *xs, dtype, group)
         return tuple(by_name(a) for a in acc), pairs
 
-    zeros = tuple(by_name([jnp.zeros(x.shape, dtype) for x in jax.tree.leaves(params)]) for _ in range(3))
-    sums, pairs = jax.lax.scan(body, zeros, (chunks(bio_batch), chunks(qa_batch), sharding.constrain_rows(valid, 1)))
-    pairs = [x.reshape(num_chunks * chunk_size, *x.shape[2:])[:n] for x in pairs]
-    return TraceResult(*(jax.tree.unflatten(treedef, s) for s in sums), *sharding.constrain_replicated(pairs))
+    zeros = tuple(by_name([jnp.zeros(x.shape, dtype) for x in jax.tree.leaves(params)]) for _ in range(3)) if sums \
+        else ()
+    sums_, pairs = jax.lax.scan(body, zeros, (chunks(bio_batch), chunks(qa_batch), sharding.constrain_rows(valid, 1)))
+    pairs = sharding.constrain_replicated([x.reshape(num_chunks * chunk_size, *x.shape[2:])[:n] for x in pairs])
+    if not sums:
+        return PairStatistics(*pairs)
+    return TraceResult(*(jax.tree.unflatten(treedef, s) for s in sums_), *pairs)
+
+
+def _default_group(mesh) -> int:
+    """Pairs whose per-example gradients of one parameter exist at once in the factored contraction: one per device on
+    a CPU, where one pair's gradient stays in cache (`_contract_terms`); a whole chunk on an accelerator."""
+    devices = 1 if mesh is None else sharding.batch_devices(mesh)
+    return devices if jax.default_backend() == "cpu" else 2**31 - 1
 
 
 @functools.lru_cache(maxsize=16)
 def jit_trace(per_example_loss: Callable, *, method: str = "lean", chunk_size: int = 16, dtype=jnp.float32,
-              mesh: jax.sharding.Mesh | None = None):
+              mesh: jax.sharding.Mesh | None = None, group: int | None = None, sums: bool = True):
     """The one jit of the trace: `(params, bio_batch, qa_batch) -> TraceResult` (see `cross_task_trace`, which
-    checks its arguments and calls this; launch.plan lowers it). On a `mesh` the parameters stay where they are
-    (laid out by name), every chunk's pairs are split over the batch axes (each device traces its share of every
-    chunk; the sums are reduced), the three parameter-shaped sums are laid out like the parameters and the per-pair
-    arrays are replicated. The same arguments give the same compiled function."""
+    checks its arguments and calls this; launch.plan lowers it), or with sums=False `-> PairStatistics`
+    (`pair_statistics`). On a `mesh` the parameters stay where they are (laid out by name), every chunk's pairs are
+    split over the batch axes (each device traces its share of every chunk; the sums are reduced), the three
+    parameter-shaped sums are laid out like the parameters and the per-pair arrays are replicated. The same arguments
+    give the same compiled function."""
+    group = group or _default_group(mesh)
+
     def cross_task(params, bio_batch, qa_batch):
-        return _trace(per_example_loss, params, bio_batch, qa_batch, method, chunk_size, jnp.dtype(dtype))
+        return _trace(per_example_loss, params, bio_batch, qa_batch, method, chunk_size, jnp.dtype(dtype), group,
+                      sums)
 
     return jax.jit(sharding.on_mesh(cross_task, mesh))
 
@@ -277,23 +621,7 @@ def jit_trace(per_example_loss: Callable, *, method: str = "lean", chunk_size: i
 METHODS = ("lean", "reference")
 
 
-def cross_task_trace(per_example_loss: Callable, params: nnx.State, bio_batch, qa_batch, *, method: str = "lean",
-                     chunk_size: int = 16, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None) -> TraceResult:
-    """The cross-task contraction of paired per-example gradients (module docstring), jitted.
-
-    Args:
-      per_example_loss: `(params, example) -> scalar`; a `StackedLoss` (e.g. `lm_loss(graphdef, params)`) lets the
-        lean path go one layer at a time. Pass the same object across calls to reuse the compiled trace.
-      params: the parameter tree; leaves under the key `layers` are stacked layers (leading axis L).
-      bio_batch, qa_batch: pytrees of arrays with a leading pair axis n; pair i is (bio_batch[i], qa_batch[i]).
-      method: "lean" (default): chunks of `chunk_size` pairs, one layer at a time for a StackedLoss, whole-model
-        per-example gradients of one chunk otherwise. "reference": `jax.vmap(jax.grad(per_example_loss))` over all n
-        pairs, then the contraction (memory grows with n x parameters; for tests and small models).
-      chunk_size: pairs per chunk in the lean path; n need not be a multiple.
-      dtype: the dtype of the contraction and its sums (float32 by default).
-      mesh: the device mesh the parameters are laid out on (`sharding.param_shardings`); each chunk's pairs are
-        split over its batch axes, so chunk_size must be a multiple of their size. None: one device.
-    """
+def _check(bio_batch, qa_batch, method, chunk_size, group, mesh):
     if method not in METHODS:
         raise errors.InvalidValue(f"method={method!r} is invalid: expected one of {', '.join(METHODS)}")
     if not (isinstance(chunk_size, int) and chunk_size > 0):
@@ -301,11 +629,60 @@ def cross_task_trace(per_example_loss: Callable, params: nnx.State, bio_batch, q
     sizes = {x.shape[0] for x in jax.tree.leaves((bio_batch, qa_batch))}
     if len(sizes) != 1 or 0 in sizes:
         raise ValueError(f"bio_batch and qa_batch must share one non-zero leading pair axis; got sizes {sorted(sizes)}")
-    if mesh is not None and method == "lean" and chunk_size % (split := sharding.batch_devices(mesh)):
+    split = 1 if mesh is None else sharding.batch_devices(mesh)
+    if method == "lean" and chunk_size % split:
         raise errors.InvalidValue(f"chunk_size={chunk_size} is invalid on a mesh whose batch axes span {split} "
                                   f"devices: expected a multiple of {split}")
-    return jit_trace(per_example_loss, method=method, chunk_size=chunk_size, dtype=jnp.dtype(dtype),
-                     mesh=mesh)(params, bio_batch, qa_batch)
+    if group is not None and not (isinstance(group, int) and group > 0 and chunk_size % group == 0
+                                  and group % split == 0):
+        raise errors.InvalidValue(f"group={group!r} is invalid: expected a divisor of chunk_size={chunk_size}"
+                                  + (f" and a multiple of {split} (the devices the pairs are split over)"
+                                     if split > 1 else ""))
+
+
+def cross_task_trace(per_example_loss: Callable, params: nnx.State, bio_batch, qa_batch, *, method: str = "lean",
+                     chunk_size: int = 16, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
+                     group: int | None = None) -> TraceResult:
+    """The cross-task contraction of paired per-example gradients (module docstring), jitted.
+
+    Args:
+      per_example_loss: `(params, example) -> scalar`. `lm_loss(graphdef, params)` (a ModelLoss) lets the lean path
+        build every per-example gradient from the modules' taps of one forward and one backward pass per chunk; any
+        other `StackedLoss` goes one layer at a time; any other function forms a chunk's whole-model per-example
+        gradients. Pass the same object across calls to reuse the compiled trace.
+      params: the parameter tree; leaves under the key `layers` are stacked layers (leading axis L).
+      bio_batch, qa_batch: pytrees of arrays with a leading pair axis n; pair i is (bio_batch[i], qa_batch[i]).
+      method: "lean" (default): chunks of `chunk_size` pairs, as above. "reference": `jax.vmap(jax.grad(
+        per_example_loss))` over all n pairs, then the contraction (memory grows with n x parameters; for tests and
+        small models).
+      chunk_size: pairs per chunk in the lean path (their activations exist at once); n need not be a multiple.
+      dtype: the dtype of the contraction and its sums (float32 by default).
+      mesh: the device mesh the parameters are laid out on (`sharding.param_shardings`); each chunk's pairs are
+        split over its batch axes, so chunk_size must be a multiple of their size. None: one device.
+      group: for a ModelLoss, pairs whose per-example gradients of one parameter exist at once (a divisor of
+        chunk_size, a multiple of the mesh's batch devices). Default: one per device on a CPU, the chunk elsewhere.
+    """
+    _check(bio_batch, qa_batch, method, chunk_size, group, mesh)
+    return jit_trace(per_example_loss, method=method, chunk_size=chunk_size, dtype=jnp.dtype(dtype), mesh=mesh,
+                     group=group)(params, bio_batch, qa_batch)
+
+
+def pair_statistics(per_example_loss: Callable, params: nnx.State, bio_batch, qa_batch, *, chunk_size: int = 16,
+                    dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None) -> PairStatistics:
+    """The per-pair fields of `cross_task_trace` alone (dot products and squared norms of paired gradients, overall
+    and per layer: what gradient consistency needs), at about the cost of a forward and a backward pass.
+
+    For a ModelLoss (`lm_loss`) no per-example gradient of a matrix is formed: for a gradient sum_t a_t (x) d_t over
+    positions t (a module's input and output gradient), <g_b, g_q> = sum_ts (a_b a_q^T)_ts (d_b d_q^T)_ts. Any other
+    loss falls back to `cross_task_trace` and keeps its per-pair fields. Arguments as in `cross_task_trace`.
+    """
+    _check(bio_batch, qa_batch, "lean", chunk_size, None, mesh)
+    if not isinstance(per_example_loss, ModelLoss):
+        result = cross_task_trace(per_example_loss, params, bio_batch, qa_batch, chunk_size=chunk_size, dtype=dtype,
+                                  mesh=mesh)
+        return PairStatistics(*(getattr(result, name) for name in _PAIR_FIELDS))
+    return jit_trace(per_example_loss, chunk_size=chunk_size, dtype=jnp.dtype(dtype), mesh=mesh, sums=False)(
+        params, bio_batch, qa_batch)
 
 
 def combine(results: Sequence[TraceResult], weights: Sequence[float]) -> TraceResult:

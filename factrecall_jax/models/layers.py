@@ -4,6 +4,7 @@ Dimensions: B batch, T query positions, S key positions, D hidden_size, N attent
 G query heads per key/value head (N // K), H head_dim, R rotated dims of a head (H * partial_rotary_factor),
 F intermediate_size, V vocab_size, L layers.
 """
+import contextvars
 import dataclasses
 import math
 import numbers
@@ -43,8 +44,98 @@ def with_axes(init: Callable, *names: str | None) -> Callable:
     return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Taps: each parametrized module's input and output gradient, from which its per-example gradients follow
+# --------------------------------------------------------------------------------------------------------------------
+
+_TAPE: contextvars.ContextVar = contextvars.ContextVar("tape", default=None)
+
+
+class Tape:
+    """Within `with Tape(root, probes):` every tapped module under `root` records its input x and returns its output
+    y plus a probe, so that the gradient with respect to the probes is each module's output gradient dy. Its
+    parameters' per-example gradients then follow from x and dy (the modules' `grad_specs`) without a second forward
+    pass: the factoring of Opacus' hooks and of ghost clipping. Outside a tape, modules compute as usual.
+
+    Keys are "<module path>/<tap name>". probes: {key: array}, or None to add nothing (the outputs give the probes'
+    shapes). An input read by several modules (q, k and v read one normalized x) is kept once: `aliases` maps the
+    other keys to the first.
+    """
+
+    def __init__(self, root: nnx.Module, probes: Mapping[str, jax.Array] | None = None):
+        self._paths = {id(m): ".".join(map(str, path)) for path, m in nnx.iter_modules(root)}
+        self.probes = probes
+        self.modules: dict[str, nnx.Module] = {}
+        self.inputs: dict[str, jax.Array] = {}
+        self.outputs: dict[str, jax.Array] = {}
+        self.aliases: dict[str, str] = {}
+
+    def __enter__(self) -> "Tape":
+        self._token = _TAPE.set(self)
+        return self
+
+    def __exit__(self, *exc):
+        _TAPE.reset(self._token)
+
+    def record(self, module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+        key = f"{self._paths[id(module)]}/{name}"
+        if key in self.modules:
+            raise ValueError(f"{key} ran twice under one tape; per-example gradients need one call per tap")
+        self.modules[key] = module
+        if (first := next((k for k, v in self.inputs.items() if v is x), None)) is None:
+            self.inputs[key] = x
+        else:
+            self.aliases[key] = first
+        self.outputs[key] = y
+        return y if self.probes is None else y + self.probes[key]
+
+
+def tap(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """y; under a Tape whose root holds `module`, also records x and adds the probe of (module, name) to y."""
+    tape = _TAPE.get()
+    if tape is None or id(module) not in tape._paths:
+        return y
+    return tape.record(module, name, x, y)
+
+
+# A module's grad_specs(name) -> {parameter: (einsum spec, operands)}: the parameter's gradient for one example is
+# einsum(spec, *operands), over the tap's input ("x"), its output gradient ("dy") or its input as token ids standing
+# for their one-hot vectors ("onehot", first, its vocabulary letter last). Letters the parameter lacks are summed.
+
+
+class Dense(nnx.Einsum):
+    """nnx.Einsum, tapped: the kernel's gradient is x contracted with dy over the rows and positions."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return tap(self, "out", x, super().__call__(x))
+
+    def grad_specs(self, name: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+        x_letters, rest = self.einsum_str.split(",")
+        kernel_letters, out_letters = rest.split("->")
+        specs = {"kernel": (f"{x_letters},{out_letters}->{kernel_letters}", ("x", "dy"))}
+        if self.bias is not None:
+            bias_letters = "".join(c for c in kernel_letters if c in out_letters)
+            specs["bias"] = (f"{out_letters}->{bias_letters}", ("dy",))
+        return specs
+
+
+class Embed(nnx.Embed):
+    """nnx.Embed, tapped twice: the lookup (its gradient: rows of dy at the token ids) and, tied, the head."""
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return tap(self, "lookup", ids, super().__call__(ids))
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return tap(self, "attend", x, super().attend(x))
+
+    def grad_specs(self, name: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+        if name == "lookup":
+            return {"embedding": ("BTV,BTD->VD", ("onehot", "dy"))}
+        return {"embedding": ("BTD,BTV->VD", ("x", "dy"))}
+
+
 def dense(einsum_str: str, kernel_shape: tuple[int, ...], *, use_bias: bool, init_std: float, dtype, param_dtype,
-          rngs: nnx.Rngs) -> nnx.Einsum:
+          rngs: nnx.Rngs) -> Dense:
     """A projection like transformers' nn.Linear (normal(init_std) kernel, zero bias), with a head-structured kernel.
 
     The kernel's axes are the letters of the einsum's second operand; the bias covers those that reach the output.
@@ -52,16 +143,16 @@ def dense(einsum_str: str, kernel_shape: tuple[int, ...], *, use_bias: bool, ini
     kernel_letters, out_letters = einsum_str.split(",")[1].split("->")
     bias_letters = [c for c in kernel_letters if c in out_letters]
     bias_shape = tuple(kernel_shape[kernel_letters.index(c)] for c in bias_letters) if use_bias else None
-    return nnx.Einsum(
+    return Dense(
         einsum_str, kernel_shape, bias_shape, dtype=dtype, param_dtype=param_dtype,
         kernel_init=with_axes(nnx.initializers.normal(init_std), *(LOGICAL_AXES[c] for c in kernel_letters)),
         bias_init=with_axes(nnx.initializers.zeros, *(LOGICAL_AXES[c] for c in bias_letters)), rngs=rngs)
 
 
-def embed(num_embeddings: int, features: int, *, init_std: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Embed:
+def embed(num_embeddings: int, features: int, *, init_std: float, dtype, param_dtype, rngs: nnx.Rngs) -> Embed:
     """A token embedding [V, D] initialized like transformers' nn.Embedding under _init_weights."""
-    return nnx.Embed(num_embeddings, features, dtype=dtype, param_dtype=param_dtype,
-                     embedding_init=with_axes(nnx.initializers.normal(init_std), "vocab", "embed"), rngs=rngs)
+    return Embed(num_embeddings, features, dtype=dtype, param_dtype=param_dtype,
+                 embedding_init=with_axes(nnx.initializers.normal(init_std), "vocab", "embed"), rngs=rngs)
 
 
 def _last_axis(x: jax.Array, ndim: int) -> jax.Array:
@@ -81,7 +172,10 @@ class RMSNorm(nnx.Module):
         # Normalize in float32 and cast back before scaling, as LlamaRMSNorm.forward does.
         x32 = x.astype(jnp.float32)
         y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
-        return (_last_axis(self.scale[...], x.ndim) * y).astype(self.dtype)
+        return tap(self, "out", y, (_last_axis(self.scale[...], x.ndim) * y).astype(self.dtype))
+
+    def grad_specs(self, name: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+        return {"scale": ("BTD,BTD->D", ("x", "dy"))}
 
 
 class LayerNorm(nnx.Module):
@@ -98,7 +192,10 @@ class LayerNorm(nnx.Module):
         centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
         y = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.eps)
         scale, bias = (_last_axis(p[...].astype(jnp.float32), x.ndim) for p in (self.scale, self.bias))
-        return (y * scale + bias).astype(self.dtype)
+        return tap(self, "out", y, (y * scale + bias).astype(self.dtype))
+
+    def grad_specs(self, name: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+        return {"scale": ("BTD,BTD->D", ("x", "dy")), "bias": ("BTD->D", ("dy",))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,7 +396,7 @@ class CausalLM(nnx.Module):
     final norm and head as their Hugging Face checkpoints do, returning them from `_ends`.
     """
 
-    def _ends(self) -> tuple[nnx.Embed, nnx.Module, nnx.Module | None]:
+    def _ends(self) -> tuple[Embed, nnx.Module, nnx.Module | None]:
         """(token embedding, final norm, untied output head or None when tied)."""
         raise NotImplementedError
 
