@@ -26,6 +26,7 @@ setup(
         "matplotlib",
         "tensorboardX",
     ],
-    # torch is pinned: an unpinned torch pulls the newest CUDA build (several GB); 2.13.0 has a CPU wheel.
-    extras_require={"test": ["pytest", "torch==2.13.0"]},
+    # torch is pinned: an unpinned torch pulls the newest CUDA build (several GB); 2.13.0 has a CPU wheel. Opacus is
+    # the per-example gradient peer of launch.benchmark_trace, pinned like torch.
+    extras_require={"test": ["pytest", "torch==2.13.0", "opacus==1.6.0"]},
 )

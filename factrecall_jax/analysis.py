@@ -21,7 +21,7 @@ from flax import nnx
 
 from factrecall_jax import errors
 from factrecall_jax.models.layers import LOGICAL_AXES
-from factrecall_jax.trace import TraceResult
+from factrecall_jax.trace import PairStatistics, TraceResult
 
 LAYER_AXIS, HEAD_AXIS, KV_HEAD_AXIS, NEURON_AXIS = "layers", LOGICAL_AXES["N"], LOGICAL_AXES["K"], LOGICAL_AXES["F"]
 RULES = ("intersection", "cross")
@@ -245,16 +245,16 @@ def _cosine(dot, sq_norm_a, sq_norm_b) -> np.ndarray:
     return np.divide(dot, norms, out=np.zeros_like(dot), where=norms > 0)
 
 
-def pair_cosines(result: TraceResult) -> np.ndarray:
+def pair_cosines(result: TraceResult | PairStatistics) -> np.ndarray:
     """[n] cosine of g_bio_i and g_qa_i over all parameters; 0 where either gradient is 0."""
     return _cosine(result.pair_dot, result.bio_sq_norm, result.qa_sq_norm)
 
 
-def gradient_consistency(result: TraceResult, groups: Mapping[str, object] | None = None) -> dict:
+def gradient_consistency(result: TraceResult | PairStatistics, groups: Mapping[str, object] | None = None) -> dict:
     """How well a person's BIO gradient points the same way as the QA gradient for the same fact.
 
     Args:
-      result: a trace of n pairs.
+      result: a trace of n pairs, or its per-pair fields alone (trace.pair_statistics).
       groups: {name: labels [n]}, e.g. {"attribute": the attribute of each pair}, to average per label as well.
 
     Returns:

@@ -347,8 +347,8 @@ def mechanism_findings(mech: dict) -> str:
 
 
 def mechanism_figures(out_dir: str, mech: dict) -> list[str]:
-    """Shared parameters per attention head (layers x heads, regimes side by side), consistency per layer, and
-    held-out accuracy after each intervention."""
+    """Shared parameters per attention head (layers x heads, regimes side by side), consistency per layer and over
+    the traced checkpoints, and held-out accuracy after each intervention."""
     os.makedirs(out_dir, exist_ok=True)
     names = []
     trace_summary = mech["trace"]
@@ -368,16 +368,22 @@ def mechanism_figures(out_dir: str, mech: dict) -> list[str]:
     fig.suptitle("Shared parameters per attention head (query and output weights)")
     names.append(_save(fig, out_dir, "shared_heads.png", tight=False))
 
-    fig, (ax_grad, ax_rep) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_grad, ax_time, ax_rep) = plt.subplots(1, 3, figsize=(15, 3.8))
     for (regime, grad), style in zip(mech["consistency"]["gradient"].items(), ("-o", "-s")):
         per_layer = grad["qa_train"]["per_layer"]
         ax_grad.plot(range(len(per_layer)), per_layer, style, label=regime.replace("_", "-"))
+        steps = [c["step"] for c in grad["per_checkpoint"]]
+        for key, people, alpha in (("mean", "training people", 1.0), ("held_out_mean", "held-out", 0.45)):
+            ax_time.plot(steps, [c[key] for c in grad["per_checkpoint"]], style, alpha=alpha,
+                         label=f"{regime.replace('_', '-')}: {people}")
         rep = mech["consistency"]["representation"][regime]["qa_train"]
         for site, alpha in (("subject", 1.0), ("answer", 0.45)):
             ax_rep.plot(range(len(rep[site])), rep[site], style, alpha=alpha,
                         label=f"{regime.replace('_', '-')}: {site}")
     ax_grad.set(xlabel="layer", ylabel="mean cosine", title="Gradient consistency (BIO vs QA, per layer)")
+    ax_time.set(xlabel="step", ylabel="mean cosine", title="Gradient consistency at each traced checkpoint")
     ax_rep.set(xlabel="layer (0: embeddings)", ylabel="mean cosine", title="Hidden-state consistency (BIO vs QA)")
+    ax_time.legend(fontsize=7)
     for ax in (ax_grad, ax_rep):
         ax.legend(fontsize=7)
         ax.xaxis.get_major_locator().set_params(integer=True)

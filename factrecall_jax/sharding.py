@@ -180,6 +180,27 @@ def batch_devices(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def per_example_layout(names: Sequence[str | None] | None, shape: Sequence[int], rules=RULES):
+    """(constrain, devices) for per-example arrays [G, *shape] of a parameter with logical axis `names` (None:
+    replicated) on the ambient mesh: constrain(x) lays the parameter's dimensions out by name, as the parameter
+    lies, and splits the examples over the batch axes the parameter does not use, `devices` of them. Each device
+    then forms its slice of the gradients of its examples; on fsdp no device holds a whole parameter's gradient.
+    Without a mesh: (identity, 1)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.axis_names:
+        return (lambda x: x), 1
+    spec = logical_to_spec(names, shape, mesh, rules) if names is not None else P(*(None,) * len(shape))
+    used = {a for dim in spec if dim is not None for a in ((dim,) if isinstance(dim, str) else dim)}
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and a not in used and mesh.shape[a] > 1)
+    devices = math.prod(mesh.shape[a] for a in axes)
+
+    def constrain(x):
+        rows = axes if axes and x.shape[0] % devices == 0 else None
+        return jax.lax.with_sharding_constraint(x, P(rows, *spec))
+
+    return constrain, devices
+
+
 def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
     """Batches split along their rows over data x fsdp: [B, T], or with `stacked` the fused steps' [K, B, T].
     B must be divisible by data * fsdp."""

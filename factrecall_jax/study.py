@@ -49,10 +49,11 @@ def checkpoint_plan(workdir: str, num_checkpoints: int) -> list[dict]:
 
 
 def trace_run(run: experiment.Run, fact_pairs: dict, *, workdir: str | None = None, num_checkpoints: int = 5,
-              chunk_size: int = 32, log=print):
+              chunk_size: int = 32, held_out: dict | None = None, log=print):
     """TracInCP over `checkpoint_plan` of `workdir` (default: the experiment.Run's own; any run of the same model):
     (sum_c lr_c * trace_c, [per checkpoint: step, lr, gradient consistency], the last checkpoint's own trace).
-    fact_pairs: from data.pairs.fact_pairs."""
+    fact_pairs: from data.pairs.fact_pairs. With `held_out` (pairs of other people), each record also holds their
+    gradient consistency ("held_out_gradient_consistency", from trace.pair_statistics: no sums to keep)."""
     workdir = workdir or run.workdir
     plan = checkpoint_plan(workdir, num_checkpoints)
     loss, combined, records = trace.lm_loss(run.graphdef, run.abstract_params), None, []
@@ -66,9 +67,15 @@ def trace_run(run: experiment.Run, fact_pairs: dict, *, workdir: str | None = No
         consistency = analysis.gradient_consistency(result, {"attribute": fact_pairs["attribute"]})
         records.append({"step": entry["step"], "learning_rate": entry["learning_rate"], "gradient_consistency":
                         consistency})
+        if held_out is not None:
+            stats = trace.pair_statistics(loss, params, held_out["bio"], held_out["qa"], chunk_size=chunk_size,
+                                          mesh=run.mesh)
+            records[-1]["held_out_gradient_consistency"] = analysis.gradient_consistency(
+                stats, {"attribute": held_out["attribute"]})
         log(f"traced step {entry['step']} of {workdir} ({len(fact_pairs['attribute'])} pairs, lr "
-            f"{entry['learning_rate']:.2e}, mean cosine {consistency['mean']:.3f}) in "
-            f"{time.perf_counter() - start:.1f} s")
+            f"{entry['learning_rate']:.2e}, mean cosine {consistency['mean']:.3f}"
+            + (f", held-out {records[-1]['held_out_gradient_consistency']['mean']:.3f}" if held_out else "")
+            + f") in {time.perf_counter() - start:.1f} s")
     return combined, records, result
 
 
@@ -147,7 +154,7 @@ def mechanisms(runs: dict[str, str], out_dir: str, *, num_checkpoints: int, num_
     for regime, workdir in runs.items():
         log(f"== trace: {regime}")
         combined, records, last = trace_run(run, pairs["qa_train"], workdir=workdir, num_checkpoints=num_checkpoints,
-                                            chunk_size=chunk_size, log=log)
+                                            chunk_size=chunk_size, held_out=pairs["qa_test"], log=log)
         save_trace(combined, records, os.path.join(out_dir, f"{regime}.safetensors"))
         regime_masks, stats = shared_statistics(combined, top_fraction)
         for scope, by_rule in regime_masks.items():
@@ -156,13 +163,12 @@ def mechanisms(runs: dict[str, str], out_dir: str, *, num_checkpoints: int, num_
                                  "top_fraction": top_fraction, "shared": stats}
         final_step = records[-1]["step"]
         params = finals[regime] = run.params(final_step, workdir)
-        held_out = trace.cross_task_trace(trace.lm_loss(run.graphdef, params), params, pairs["qa_test"]["bio"],
-                                          pairs["qa_test"]["qa"], chunk_size=chunk_size, mesh=run.mesh)
         consistency["gradient"][regime] = {
             "step": final_step,
             "qa_train": analysis.gradient_consistency(last, {"attribute": pairs["qa_train"]["attribute"]}),
-            "qa_test": analysis.gradient_consistency(held_out, {"attribute": pairs["qa_test"]["attribute"]}),
-            "per_checkpoint": [{"step": r["step"], "mean": r["gradient_consistency"]["mean"]} for r in records]}
+            "qa_test": records[-1]["held_out_gradient_consistency"],
+            "per_checkpoint": [{"step": r["step"], "mean": r["gradient_consistency"]["mean"],
+                                "held_out_mean": r["held_out_gradient_consistency"]["mean"]} for r in records]}
         consistency["representation"][regime] = {
             split: representations.representation_consistency(run.graphdef, params, p) for split, p in pairs.items()}
     log("== interventions")

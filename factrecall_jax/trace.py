@@ -101,13 +101,17 @@ def example_loss(logits_TV: jax.Array, example: Mapping[str, jax.Array]) -> jax.
     return jnp.sum(losses_T * weights_T) / jnp.maximum(jnp.sum(weights_T), 1.0)
 
 
-def _embed_example(model, example):
-    mask = example.get("attention_mask")
-    return model.embed(example["inputs"][None], None if mask is None else mask[None])
+def _embed_rows(model, batch):
+    return model.embed(batch["inputs"], batch.get("attention_mask"))
 
 
-def _head_example(model, x, example):
-    return example_loss(model.unembed(x)[0], example)
+def _head_rows(model, x, batch):
+    """[B] losses of a batch of rows, each example_loss."""
+    return jax.vmap(example_loss)(model.unembed(x), batch)
+
+
+def _one_row(example):
+    return jax.tree.map(lambda x: x[None], example)
 
 
 def lm_loss(graphdef: nnx.GraphDef, params: nnx.State) -> ModelLoss:
@@ -123,13 +127,13 @@ def lm_loss(graphdef: nnx.GraphDef, params: nnx.State) -> ModelLoss:
 def _lm_loss(graphdef: nnx.GraphDef, layer_graphdef: nnx.GraphDef) -> ModelLoss:
 
     def embed(params, example):
-        return _embed_example(nnx.merge(graphdef, params), example)
+        return _embed_rows(nnx.merge(graphdef, params), _one_row(example))
 
     def layer(layer_params, x, layer_args):
         return nnx.merge(layer_graphdef, layer_params)(x, *layer_args)
 
     def head(params, x, example):
-        return _head_example(nnx.merge(graphdef, params), x, example)
+        return _head_rows(nnx.merge(graphdef, params), x, _one_row(example))[0]
 
     return ModelLoss(embed, layer, head, graphdef, layer_graphdef)
 
@@ -139,8 +143,9 @@ def _lm_loss(graphdef: nnx.GraphDef, layer_graphdef: nnx.GraphDef) -> ModelLoss:
 # --------------------------------------------------------------------------------------------------------------------
 
 # Name scopes of the lean path, so that a profile can tell its parts apart (launch.benchmark_trace --profile_dir).
-CONTRACT_SCOPE = "contract"
-OUTER_SCOPE = "embedding_and_head"
+CONTRACT_SCOPE = "contract"  # per-example gradients formed and summed over pairs
+DOTS_SCOPE = "pair_dots"  # per-pair dot products and norms
+TAPS_SCOPE = "taps"  # the forward and backward pass that give every module's input and output gradient
 
 
 def _is_stacked(path) -> bool:
@@ -254,7 +259,6 @@ def _staged_chunk(loss: StackedLoss, params, acc, bio_C, qa_C, valid_C, dtype, g
             return valid * loss.head(p, x_last, example) + jnp.vdot(loss.embed(p, example)[0], dx0)
         return jax.grad(direct)(outer)
 
-    @jax.named_scope(OUTER_SCOPE)
     def per_pair(acc, xs):
         bio_ex, b_last, b_dx0, qa_ex, q_last, q_dx0, valid = xs
         sums, pairs = _contract([g[None] for g in outer_grad(bio_ex, b_last, b_dx0, valid)],
@@ -287,50 +291,55 @@ class _OneHot:
 jax.tree_util.register_pytree_node(_OneHot, lambda x: ((x.ids,), None), lambda _, children: _OneHot(*children))
 
 
-def _tapped_forward(loss: ModelLoss, params, static: dict, example, probes):
-    """(loss, taps) of one example, each stage under a layers.Tape: taps = {"embed", "layers", "head": the tapped
-    inputs, or with probes=None the outputs, by key; the layers' stacked [L, ...]}. The tapes' modules and aliases
-    land in `static` (the same for every example)."""
-    model = nnx.merge(loss.graphdef, params)
-    pick = lambda tape: tape.outputs if probes is None else tape.inputs  # noqa: E731
+def _SAVE_ALL_BUT_CASTS(primitive, *_, **__) -> bool:
+    """A jax.checkpoint policy: the backward pass keeps every value of a layer's forward but its dtype casts,
+    which it recomputes. Left to itself, scan's autodiff keeps each layer's weights cast to the compute dtype: a
+    second copy of every weight."""
+    return primitive.name != "convert_element_type"
 
-    def tapped(stage, root, fn):
-        with layers.Tape(root, None if probes is None else probes[stage]) as tape:
+
+def _tapped_forward(loss: ModelLoss, params, static: dict, batch_C, probes):
+    """(losses [C], taps) of a chunk's examples run as one batch (rows split over the mesh's batch axes, as in a
+    training step), each stage under a layers.Tape: taps = {"embed", "layers", "head": the tapped inputs, or with
+    probes=None the outputs, by key; the layers' stacked [L, C, ...]}. The tapes' modules and aliases land in
+    `static`."""
+    model = nnx.merge(loss.graphdef, params)
+
+    def tapped(stage, root, fn, stage_probes):
+        with layers.Tape(root, stage_probes) as tape:
             out = fn()
         static[stage] = (tape.modules, tape.aliases)
-        return out, pick(tape)
+        return out, tape.outputs if probes is None else tape.inputs
 
-    (x, layer_args), embed_taps = tapped("embed", model, lambda: _embed_example(model, example))
+    (x, layer_args), embed_taps = tapped("embed", model, lambda: _embed_rows(model, batch_C),
+                                         probes and probes["embed"])
 
+    @functools.partial(jax.checkpoint, policy=_SAVE_ALL_BUT_CASTS)
     def body(x, xs):
-        layer_params, layer_probes = xs
-        layer = nnx.merge(loss.layer_graphdef, layer_params)
-        with layers.Tape(layer, layer_probes) as tape:
-            x = layer(x, *layer_args)
-        static["layers"] = (tape.modules, tape.aliases)
-        return x, pick(tape)
+        layer = nnx.merge(loss.layer_graphdef, xs[0])
+        return tapped("layers", layer, lambda: layer(sharding.constrain_rows(x), *layer_args), xs[1])
 
-    x, layer_taps = jax.lax.scan(body, x, (params[STACKED_KEY], None if probes is None else probes["layers"]))
-    value, head_taps = tapped("head", model, lambda: _head_example(model, x, example))
-    return value, {"embed": embed_taps, "layers": layer_taps, "head": head_taps}
+    x, layer_taps = jax.lax.scan(body, x, (params[STACKED_KEY], probes and probes["layers"]))
+    values, head_taps = tapped("head", model, lambda: _head_rows(model, x, batch_C), probes and probes["head"])
+    return values, {"embed": embed_taps, "layers": layer_taps, "head": head_taps}
 
 
 def _taps(loss: ModelLoss, params, batch_C, valid_C):
-    """One forward and one backward pass over a chunk: (static, inputs, output gradients) of every tap, each with a
-    leading pair axis C (the layers' [L, C, ...]). Padding pairs (valid 0) get zero output gradients."""
+    """One forward and one backward pass over a chunk: (static, inputs, output gradients) of every tap, each as
+    [C, 1, ...] (pair, then the one row of the module's batch axis; the layers' [L, C, 1, ...]). Padding pairs
+    (valid 0) get zero output gradients."""
     static = {}
     forward = functools.partial(_tapped_forward, loss, params, static)
-    axes = {"embed": 0, "layers": 1, "head": 0}
-    shapes = jax.eval_shape(jax.vmap(lambda example: forward(example, None)[1], out_axes=axes), batch_C)
+    shapes = jax.eval_shape(lambda batch: forward(batch, None)[1], batch_C)
 
     def total(probes):
-        values, inputs = jax.vmap(forward, in_axes=(0, axes), out_axes=(0, axes))(batch_C, probes)
+        values, inputs = forward(batch_C, probes)
         return jnp.vdot(values, valid_C.astype(values.dtype)), inputs
 
     grads, inputs = jax.grad(total, has_aux=True)(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-    by_rows = lambda taps: {stage: jax.tree.map(lambda x: sharding.constrain_rows(x, axes[stage]), t)  # noqa: E731
-                            for stage, t in taps.items()}
-    return static, by_rows(inputs), by_rows(grads)
+    per_pair = lambda taps: {stage: jax.tree.map(lambda x: jnp.expand_dims(x, int(stage == "layers") + 1), t)  # noqa
+                             for stage, t in taps.items()}
+    return static, per_pair(inputs), per_pair(grads)
 
 
 def _terms(static, inputs, grads) -> dict[str, list]:
@@ -364,8 +373,8 @@ def _materialize(terms, shape, dtype) -> jax.Array:
             total = total + jnp.zeros((g, *shape), dtype).at[jnp.arange(g)[:, None], ids.reshape(g, -1)].add(
                 dy.reshape(g, -1, shape[-1]).astype(dtype))
         else:
-            inputs, out = spec.split("->")
-            total = total + jnp.einsum(",".join("..." + x for x in inputs.split(",")) + "->..." + out, *operands,
+            inputs, out = _letters(spec)
+            total = total + jnp.einsum(",".join("..." + x for x in inputs) + "->..." + out, *operands,
                                        preferred_element_type=dtype)
     return total
 
@@ -385,30 +394,34 @@ def _factorable(term) -> bool:
     return not (sides[0] & sides[1]) and sides[0] | sides[1] == set(out)
 
 
-def _rows(term, axes: str):
-    """The operand of a factorable term that carries parameter axes `axes`, as [C, positions, features] (features in
-    the order of `axes`), or as _OneHot ids [C, positions]."""
+def _side(term, axes):
+    """(operand, its letters, the summed letters: positions) of a factorable term: the operand that carries the
+    parameter axes `axes`."""
     operands, out = _letters(term[0])
     summed = "".join(c for c in operands[0] if c in operands[1] and c not in out)
     for letters, x in zip(operands, term[1]):
         if set(letters) - set(summed) == set(axes):
-            if isinstance(x, _OneHot):
-                return _OneHot(x.ids.reshape(x.ids.shape[0], -1))
-            features = "".join(c for c in axes if c in letters)
-            x = jnp.einsum(f"...{letters}->...{summed}{features}", x)
-            return x.reshape(x.shape[0], math.prod(x.shape[1:1 + len(summed)]), -1)
+            return x, letters, summed
     raise ValueError(f"no operand of {term[0]} carries the axes {axes}")
 
 
-def _gram(u, v, dtype) -> jax.Array:
-    """[C, n_u, n_v]: inner products between the positions of u and v (_rows), one-hot ids compared or gathered."""
+def _gram(side_u, side_v, dtype) -> jax.Array:
+    """[C, n_u, n_v]: inner products over the parameter axes they carry between the positions of two operands
+    (_side), one-hot ids compared or gathered; only position axes are ever merged."""
+    (u, lu, su), (v, lv, sv) = side_u, side_v
+    fresh = dict(zip(sv, (c for c in "abcdefghijklmnopqrstuvwxyz" if c not in lu + lv)))
+    lv, sv = ("".join(fresh.get(c, c) for c in x) for x in (lv, sv))
+    positions = lambda x, n: x.reshape(x.shape[0], -1, *x.shape[1 + n:])  # noqa: E731  [C, positions, ...]
     if isinstance(u, _OneHot) and isinstance(v, _OneHot):
-        return (u.ids[:, :, None] == v.ids[:, None, :]).astype(dtype)
+        return (positions(u.ids, len(su))[:, :, None] == positions(v.ids, len(sv))[:, None, :]).astype(dtype)
     if isinstance(v, _OneHot):
-        return jnp.swapaxes(_gram(v, u, dtype), 1, 2)
-    if isinstance(u, _OneHot):
-        return jnp.take_along_axis(v, u.ids[:, None, :], axis=2).swapaxes(1, 2).astype(dtype)
-    return jnp.einsum("cnf,cmf->cnm", u, v, preferred_element_type=dtype)
+        return jnp.swapaxes(_gram(side_v, side_u, dtype), 1, 2)
+    if isinstance(u, _OneHot):  # v's vocabulary entries at u's ids
+        vocab = lv.replace(sv, "")
+        v = positions(jnp.einsum(f"...{lv}->...{sv}{vocab}", v), len(sv))
+        return jnp.take_along_axis(v, positions(u.ids, len(su))[:, None, :], axis=2).swapaxes(1, 2).astype(dtype)
+    gram = jnp.einsum(f"...{lu},...{lv}->...{su}{sv}", u, v, preferred_element_type=dtype)
+    return positions(jnp.moveaxis(positions(gram, len(su)), 1, -1), len(sv)).swapaxes(1, 2)
 
 
 def _pair_dot(terms_b, terms_q, shape, dtype) -> jax.Array:
@@ -423,8 +436,11 @@ def _pair_dot(terms_b, terms_q, shape, dtype) -> jax.Array:
             operands, out = _letters(tb[0])
             sides = [[c for c in out if c in x] for x in operands]
             for tq in terms_q:
-                total = total + _gram(_rows(tb, sides[0]), _rows(tq, sides[0]), dtype) * _gram(
-                    _rows(tb, sides[1]), _rows(tq, sides[1]), dtype)
+                # Each Gram whole on every device (small): XLA's SPMD partitioner (jax 0.10.2) otherwise reshards a
+                # Gram summed over a vocabulary split on (tensor, fsdp) to pairs split on (data, fsdp) without
+                # reducing it, and the product is wrong on a (2, 2, 2) mesh (tests/sharded_cases.py).
+                total = total + math.prod(sharding.constrain_replicated(_gram(_side(tb, axes), _side(tq, axes), dtype))
+                                          for axes in sides)
         return jnp.sum(total, axis=(1, 2))
     b, q = _materialize(terms_b, shape, dtype), _materialize(terms_q, shape, dtype)
     return jnp.sum((b * q).reshape(b.shape[0], -1), axis=1)
@@ -436,7 +452,7 @@ def _pair_dots(terms_b, terms_q, shape, dtype) -> tuple[jax.Array, jax.Array, ja
             _pair_dot(terms_q, terms_q, shape, dtype))
 
 
-def _lookup_sums(terms_b, terms_q, shape, dtype):
+def _lookup_sums(terms_b, terms_q, sums, dtype):
     """_contract_terms of a parameter whose gradients are embedding lookups alone (an untied embedding): each
     example's gradient is formed at the rows its tokens use only, never as a [V, D] array."""
     (_, (onehot_b, dy_b)), (_, (onehot_q, dy_q)) = terms_b[0], terms_q[0]
@@ -451,43 +467,56 @@ def _lookup_sums(terms_b, terms_q, shape, dtype):
         earlier = (ids[:, :, None] == ids[:, None, :]) & (jnp.arange(n)[None, None, :] < jnp.arange(n)[None, :, None])
         return (~earlier.any(axis=2))[..., None].astype(dtype)
 
-    def scatter(ids, values):
-        return jnp.zeros(shape, dtype).at[ids.reshape(-1)].add(values.reshape(-1, shape[-1]))
+    def scatter(total, ids, values):
+        return total.at[ids.reshape(-1)].add(values.reshape(-1, total.shape[-1]))
 
     row_b, row_q = at_rows(ids_b, ids_b, dy_b), at_rows(ids_q, ids_q, dy_q)
-    return (scatter(ids_b, first(ids_b) * jnp.abs(row_b)), scatter(ids_q, first(ids_q) * jnp.abs(row_q)),
-            scatter(ids_b, first(ids_b) * row_b * at_rows(ids_b, ids_q, dy_q)))
+    return (scatter(sums[0], ids_b, first(ids_b) * jnp.abs(row_b)),
+            scatter(sums[1], ids_q, first(ids_q) * jnp.abs(row_q)),
+            scatter(sums[2], ids_b, first(ids_b) * row_b * at_rows(ids_b, ids_q, dy_q)))
 
 
 # A parameter whose per-example gradients for a whole chunk take at most this many elements is contracted at once.
 _SMALL = 2**20
+# On an accelerator, the per-example gradients of one parameter formed at once take at most this many elements.
+_GROUP_ELEMENTS = 2**28
 
 
-def _contract_terms(terms_b, terms_q, shape, group: int, dtype):
-    """(sum |g_b|, sum |g_q|, sum g_b * g_q) over a chunk's pairs of one parameter, from the terms of its gradients.
+def _contract_terms(terms_b, terms_q, sums, names, group: int | None, dtype):
+    """`sums` (of |g_b|, |g_q|, g_b * g_q, one parameter's shape each) plus a chunk's pairs, from the terms of their
+    gradients.
 
     The gradients exist for `group` pairs at a time (a scan over the chunk): one pair's fits in a CPU's cache, so
     forming it, reading it and adding it costs about what the chunk's batched weight gradient costs; forming the whole
-    chunk's first would write and read them through memory. `group` is a multiple of the devices the pairs are split
-    over; each step takes the same share of every device's pairs."""
+    chunk's first would write and read them through memory. On a mesh they lie like the parameter (`names`: its
+    logical axes) and the pairs are split over the batch axes it leaves free (sharding.per_example_layout). None:
+    one pair per such device on a CPU; on an accelerator, as many as keep a step's gradients within _GROUP_ELEMENTS.
+    """
     if all(isinstance(ops[0], _OneHot) for _, ops in terms_b + terms_q):
-        return _lookup_sums(terms_b, terms_q, shape, dtype)
-    num_pairs = jax.tree.leaves(terms_b[0][1])[0].shape[0]
-    if num_pairs * math.prod(shape) <= _SMALL or group >= num_pairs:
-        return _reduce_pairs(_materialize(terms_b, shape, dtype), _materialize(terms_q, shape, dtype))
+        return _lookup_sums(terms_b, terms_q, sums, dtype)
+    shape = sums[0].shape
+    num_pairs, size = jax.tree.leaves(terms_b[0][1])[0].shape[0], math.prod(shape)
+    layout, devices = sharding.per_example_layout(names, shape)
+    if group is None:
+        group = devices if jax.default_backend() == "cpu" else max(
+            g for g in range(devices, num_pairs + 1, devices) if num_pairs % g == 0
+            and (g == devices or g * size <= _GROUP_ELEMENTS))
+
+    def add(sums, terms):
+        b, q = (layout(_materialize(t, shape, dtype)) for t in terms)
+        return tuple(a + x for a, x in zip(sums, _reduce_pairs(b, q)))
+
+    if num_pairs * size <= _SMALL or group >= num_pairs:
+        return add(sums, (terms_b, terms_q))
 
     def steps(x):  # [C, ...] -> [C // group, group, ...]; pair g * (C // group) + s at step s
-        x = jnp.swapaxes(x.reshape(group, num_pairs // group, *x.shape[1:]), 0, 1)
-        return sharding.constrain_rows(x, axis=1)
+        return jnp.swapaxes(x.reshape(group, num_pairs // group, *x.shape[1:]), 0, 1)
 
     def body(sums, xs):
-        terms = [[(spec, ops) for (spec, _), ops in zip(t, x)] for t, x in zip((terms_b, terms_q), xs)]
-        b, q = (_materialize(t, shape, dtype) for t in terms)
-        return tuple(a + x for a, x in zip(sums, _reduce_pairs(b, q))), None
+        return add(sums, [[(spec, ops) for (spec, _), ops in zip(t, x)] for t, x in zip((terms_b, terms_q), xs)]), None
 
     operands = jax.tree.map(steps, [[ops for _, ops in t] for t in (terms_b, terms_q)])
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(3))
-    return jax.lax.scan(body, zeros, operands)[0]
+    return jax.lax.scan(body, tuple(sums), operands)[0]
 
 
 def _factored_chunk(loss: ModelLoss, params, acc, bio_C, qa_C, valid_C, dtype, group, sums=True):
@@ -498,26 +527,35 @@ def _factored_chunk(loss: ModelLoss, params, acc, bio_C, qa_C, valid_C, dtype, g
     stacked = [_is_stacked(path) for path, _ in path_leaves]
     names = [_path_name(path) for path, _ in path_leaves]
     shapes = [x.shape for _, x in path_leaves]
-    (static_b, inputs_b, grads_b), (static_q, inputs_q, grads_q) = (_taps(loss, params, batch, valid_C)
-                                                                    for batch in (bio_C, qa_C))
-    layer_leaves = [(name.split(".", 1)[1], shape[1:]) for name, shape, s in zip(names, shapes, stacked) if s]
-    outer_leaves = [(name, shape) for name, shape, s in zip(names, shapes, stacked) if not s]
+    axes = [x.get_metadata().get("out_sharding") if isinstance(x, nnx.Variable) else None
+            for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))]
+    with jax.named_scope(TAPS_SCOPE):
+        (static_b, inputs_b, grads_b), (static_q, inputs_q, grads_q) = (_taps(loss, params, batch, valid_C)
+                                                                        for batch in (bio_C, qa_C))
+    layer_leaves = [(name.split(".", 1)[1], shape[1:], a and a[1:])
+                    for name, shape, a, s in zip(names, shapes, axes, stacked) if s]
+    outer_leaves = [(name, shape, a) for name, shape, a, s in zip(names, shapes, axes, stacked) if not s]
 
-    def contract(leaves, terms_b, terms_q):
-        """(the three sums per leaf, or None without `sums`; the three per-pair sums over the leaves)"""
-        tb, tq = (_leaf_terms(t, [name for name, _ in leaves]) for t in (terms_b, terms_q))
-        pairs = [sum(x) for x in zip(*(_pair_dots(b, q, shape, dtype) for b, q, (_, shape) in zip(tb, tq, leaves)))]
+    def contract(leaves, terms_b, terms_q, leaf_sums):
+        """(leaf_sums, [per leaf: its three sums], plus the chunk's pairs, or None without `sums`; the three per-pair
+        sums over the leaves)"""
+        tb, tq = (_leaf_terms(t, [name for name, _, _ in leaves]) for t in (terms_b, terms_q))
+        with jax.named_scope(DOTS_SCOPE):
+            pairs = [sum(x) for x in zip(*(_pair_dots(b, q, shape, dtype)
+                                           for b, q, (_, shape, _) in zip(tb, tq, leaves)))]
         if not sums:
             return None, pairs
-        with jax.named_scope(CONTRACT_SCOPE):
-            return [_contract_terms(b, q, shape, group, dtype) for b, q, (_, shape) in zip(tb, tq, leaves)], pairs
+        with jax.named_scope(CONTRACT_SCOPE):  # added into the sums in place: no second parameter-sized copy
+            return [_contract_terms(b, q, three, names, group, dtype)
+                    for b, q, three, (_, _, names) in zip(tb, tq, leaf_sums, leaves)], pairs
 
     def layer_body(layer_acc, xs):
         index, in_b, dy_b, in_q, dy_q = xs
         layer_sums, pairs = contract(layer_leaves, _terms(static_b["layers"], in_b, dy_b),
-                                     _terms(static_q["layers"], in_q, dy_q))
+                                     _terms(static_q["layers"], in_q, dy_q),
+                                     zip(*([a[index] for a in a_i] for a_i in layer_acc)) if sums else None)
         if sums:
-            layer_acc = tuple([a.at[index].add(x) for a, x in zip(a_i, s_i)]
+            layer_acc = tuple([a.at[index].set(x) for a, x in zip(a_i, s_i)]
                               for a_i, s_i in zip(layer_acc, zip(*layer_sums)))
         return layer_acc, pairs
 
@@ -535,15 +573,14 @@ def _factored_chunk(loss: ModelLoss, params, acc, bio_C, qa_C, valid_C, dtype, g
                 terms.setdefault(name, []).extend(t)
         return terms
 
-    with jax.named_scope(OUTER_SCOPE):
-        outer_sums, outer_pairs = contract(outer_leaves, outer_terms(static_b, inputs_b, grads_b),
-                                           outer_terms(static_q, inputs_q, grads_q))
+    outer_sums, outer_pairs = contract(outer_leaves, outer_terms(static_b, inputs_b, grads_b),
+                                       outer_terms(static_q, inputs_q, grads_q),
+                                       zip(*(pick(a, False) for a in acc)) if sums else None)
     layer_pairs_CL = tuple(x.T for x in layer_pairs)
     totals = tuple(o + l.sum(axis=1) for o, l in zip(outer_pairs, layer_pairs_CL))
     if not sums:
         return acc, (*totals, *layer_pairs_CL)
-    outer_acc = [[a + x for a, x in zip(a_i, s_i)] for a_i, s_i in zip((pick(a, False) for a in acc),
-                                                                       zip(*outer_sums))]
+    outer_acc = list(zip(*outer_sums))
 
     def merged(outer_leaves, layer_leaves):
         it_outer, it_layer = iter(outer_leaves), iter(layer_leaves)
@@ -593,13 +630,6 @@ def _trace(loss, params, bio_batch, qa_batch, method, chunk_size, dtype, group, 
     return TraceResult(*(jax.tree.unflatten(treedef, s) for s in sums_), *pairs)
 
 
-def _default_group(mesh) -> int:
-    """Pairs whose per-example gradients of one parameter exist at once in the factored contraction: one per device on
-    a CPU, where one pair's gradient stays in cache (`_contract_terms`); a whole chunk on an accelerator."""
-    devices = 1 if mesh is None else sharding.batch_devices(mesh)
-    return devices if jax.default_backend() == "cpu" else 2**31 - 1
-
-
 @functools.lru_cache(maxsize=16)
 def jit_trace(per_example_loss: Callable, *, method: str = "lean", chunk_size: int = 16, dtype=jnp.float32,
               mesh: jax.sharding.Mesh | None = None, group: int | None = None, sums: bool = True):
@@ -609,7 +639,6 @@ def jit_trace(per_example_loss: Callable, *, method: str = "lean", chunk_size: i
     split over the batch axes (each device traces its share of every chunk; the sums are reduced), the three
     parameter-shaped sums are laid out like the parameters and the per-pair arrays are replicated. The same arguments
     give the same compiled function."""
-    group = group or _default_group(mesh)
 
     def cross_task(params, bio_batch, qa_batch):
         return _trace(per_example_loss, params, bio_batch, qa_batch, method, chunk_size, jnp.dtype(dtype), group,
@@ -660,7 +689,8 @@ def cross_task_trace(per_example_loss: Callable, params: nnx.State, bio_batch, q
       mesh: the device mesh the parameters are laid out on (`sharding.param_shardings`); each chunk's pairs are
         split over its batch axes, so chunk_size must be a multiple of their size. None: one device.
       group: for a ModelLoss, pairs whose per-example gradients of one parameter exist at once (a divisor of
-        chunk_size, a multiple of the mesh's batch devices). Default: one per device on a CPU, the chunk elsewhere.
+        chunk_size, a multiple of the mesh's batch devices). Default: one per device on a CPU, where one pair's
+        gradient stays in cache; on an accelerator, as many as keep them within 2**28 elements.
     """
     _check(bio_batch, qa_batch, method, chunk_size, group, mesh)
     return jit_trace(per_example_loss, method=method, chunk_size=chunk_size, dtype=jnp.dtype(dtype), mesh=mesh,
