@@ -182,10 +182,10 @@ def _pair_sums(bio_CX, qa_CX, dtype, stacked):
     sums, totals = _contract(bio_CX, qa_CX, dtype, per_layer=False)
     pick = lambda leaves: [g for g, s in zip(leaves, stacked) if s]  # noqa: E731
     if any(stacked):
-        layers_ = _contract(pick(bio_CX), pick(qa_CX), dtype, per_layer=True)[1]
+        by_layer = _contract(pick(bio_CX), pick(qa_CX), dtype, per_layer=True)[1]
     else:
-        layers_ = (jnp.zeros((len(bio_CX[0]), 0), dtype),) * 3
-    return sums, (*totals, *layers_)
+        by_layer = (jnp.zeros((len(bio_CX[0]), 0), dtype),) * 3
+    return sums, (*totals, *by_layer)
 
 
 def _whole_model_chunk(loss, params, acc, bio_C, qa_C, valid_C, dtype, group):
@@ -212,7 +212,7 @@ def _staged_chunk(loss: StackedLoss, params, acc, bio_C, qa_C, valid_C, dtype, g
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     stacked = [_is_stacked(path) for path, _ in path_leaves]
     outer = [x for (_, x), s in zip(path_leaves, stacked) if not s]
-    layers_ = params[STACKED_KEY]
+    stacked_params = params[STACKED_KEY]
 
     def with_outer(outer_leaves):
         it, leaves = iter(outer_leaves), jax.tree.leaves(params)
@@ -224,7 +224,7 @@ def _staged_chunk(loss: StackedLoss, params, acc, bio_C, qa_C, valid_C, dtype, g
         def body(x, layer_params):
             return loss.layer(layer_params, x, layer_args), x
 
-        x_last, layer_inputs = jax.lax.scan(body, x, layers_)
+        x_last, layer_inputs = jax.lax.scan(body, x, stacked_params)
         dx = jax.grad(lambda x: valid * loss.head(params, x, example))(x_last)
         return layer_inputs, x_last, dx, layer_args
 
@@ -248,10 +248,10 @@ def _staged_chunk(loss: StackedLoss, params, acc, bio_C, qa_C, valid_C, dtype, g
 
     pick = lambda leaves, keep: [x for x, s in zip(leaves, stacked) if s == keep]  # noqa: E731
     layer_axis_first = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731  [C, L, ...] -> [L, C, ...]
-    num_layers = jax.tree.leaves(layers_)[0].shape[0]
+    num_layers = jax.tree.leaves(stacked_params)[0].shape[0]
     ((bio_dx0, qa_dx0), layer_sums), layer_pairs = jax.lax.scan(
         backward, ((bio_dx, qa_dx), tuple(pick(a, True) for a in acc)),
-        (jnp.arange(num_layers), layers_, layer_axis_first(bio_inputs), layer_axis_first(qa_inputs)), reverse=True)
+        (jnp.arange(num_layers), stacked_params, layer_axis_first(bio_inputs), layer_axis_first(qa_inputs)), reverse=True)
 
     def outer_grad(example, x_last, dx0, valid):
         def direct(outer_leaves):  # the head's own dependence plus the embeddings' share of the layers' gradient
