@@ -245,16 +245,16 @@ def _cosine(dot, sq_norm_a, sq_norm_b) -> np.ndarray:
     return np.divide(dot, norms, out=np.zeros_like(dot), where=norms > 0)
 
 
-def pair_cosines(result: TraceResult | PairStatistics) -> np.ndarray:
+def pair_cosines(result: PairStatistics) -> np.ndarray:
     """[n] cosine of g_bio_i and g_qa_i over all parameters; 0 where either gradient is 0."""
     return _cosine(result.pair_dot, result.bio_sq_norm, result.qa_sq_norm)
 
 
-def gradient_consistency(result: TraceResult | PairStatistics, groups: Mapping[str, object] | None = None) -> dict:
+def gradient_consistency(result: PairStatistics, groups: Mapping[str, object] | None = None) -> dict:
     """How well a person's BIO gradient points the same way as the QA gradient for the same fact.
 
     Args:
-      result: a trace of n pairs, or its per-pair fields alone (trace.pair_statistics).
+      result: a trace of n pairs (TraceResult), or its per-pair fields alone (trace.pair_statistics).
       groups: {name: labels [n]}, e.g. {"attribute": the attribute of each pair}, to average per label as well.
 
     Returns:

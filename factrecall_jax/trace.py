@@ -30,11 +30,9 @@ STACKED_KEY = "layers"
 
 
 @flax.struct.dataclass
-class TraceResult:
-    """The contraction of one set of pairs at one checkpoint, or a learning-rate-weighted sum over checkpoints."""
-    bio_abs: nnx.State
-    qa_abs: nnx.State
-    cross: nnx.State
+class PairStatistics:
+    """Dot products and squared norms of paired gradients, [n] and per stacked layer [n, L]: what gradient
+    consistency needs (`pair_statistics` computes these alone)."""
     pair_dot: jax.Array
     bio_sq_norm: jax.Array
     qa_sq_norm: jax.Array
@@ -44,15 +42,12 @@ class TraceResult:
 
 
 @flax.struct.dataclass
-class PairStatistics:
-    """The per-pair fields of a TraceResult alone (`pair_statistics`): dot products and squared norms of paired
-    gradients, [n] and per stacked layer [n, L]."""
-    pair_dot: jax.Array
-    bio_sq_norm: jax.Array
-    qa_sq_norm: jax.Array
-    layer_pair_dot: jax.Array
-    layer_bio_sq_norm: jax.Array
-    layer_qa_sq_norm: jax.Array
+class TraceResult(PairStatistics):
+    """The contraction of one set of pairs at one checkpoint, or a learning-rate-weighted sum over checkpoints: the
+    per-pair fields and the three parameter-shaped sums."""
+    bio_abs: nnx.State
+    qa_abs: nnx.State
+    cross: nnx.State
 
 
 _PAIR_FIELDS = tuple(f.name for f in dataclasses.fields(PairStatistics))
@@ -282,16 +277,13 @@ def _staged_chunk(loss: StackedLoss, params, acc, bio_C, qa_C, valid_C, dtype, g
 # Per-example gradients factored through the modules' taps (ModelLoss)
 # --------------------------------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class _OneHot:
     """Token ids [..., B, T] standing for their one-hot vectors over the vocabulary (never built)."""
     ids: jax.Array
 
 
-jax.tree_util.register_pytree_node(_OneHot, lambda x: ((x.ids,), None), lambda _, children: _OneHot(*children))
-
-
-def _SAVE_ALL_BUT_CASTS(primitive, *_, **__) -> bool:
+def _save_all_but_casts(primitive, *_, **__) -> bool:
     """A jax.checkpoint policy: the backward pass keeps every value of a layer's forward but its dtype casts,
     which it recomputes. Left to itself, scan's autodiff keeps each layer's weights cast to the compute dtype: a
     second copy of every weight."""
@@ -314,7 +306,7 @@ def _tapped_forward(loss: ModelLoss, params, static: dict, batch_C, probes):
     (x, layer_args), embed_taps = tapped("embed", model, lambda: _embed_rows(model, batch_C),
                                          probes and probes["embed"])
 
-    @functools.partial(jax.checkpoint, policy=_SAVE_ALL_BUT_CASTS)
+    @functools.partial(jax.checkpoint, policy=_save_all_but_casts)
     def body(x, xs):
         layer = nnx.merge(loss.layer_graphdef, xs[0])
         return tapped("layers", layer, lambda: layer(sharding.constrain_rows(x), *layer_args), xs[1])
@@ -337,8 +329,11 @@ def _taps(loss: ModelLoss, params, batch_C, valid_C):
         return jnp.vdot(values, valid_C.astype(values.dtype)), inputs
 
     grads, inputs = jax.grad(total, has_aux=True)(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-    per_pair = lambda taps: {stage: jax.tree.map(lambda x: jnp.expand_dims(x, int(stage == "layers") + 1), t)  # noqa
-                             for stage, t in taps.items()}
+
+    def per_pair(taps):  # the modules' batch axis B is the pair axis; a per-example gradient sums over B, so [C, 1]
+        return {stage: jax.tree.map(lambda x: jnp.expand_dims(x, 2 if stage == "layers" else 1), t)
+                for stage, t in taps.items()}
+
     return static, per_pair(inputs), per_pair(grads)
 
 
@@ -627,7 +622,7 @@ def _trace(loss, params, bio_batch, qa_batch, method, chunk_size, dtype, group, 
     pairs = sharding.constrain_replicated([x.reshape(num_chunks * chunk_size, *x.shape[2:])[:n] for x in pairs])
     if not sums:
         return PairStatistics(*pairs)
-    return TraceResult(*(jax.tree.unflatten(treedef, s) for s in sums_), *pairs)
+    return TraceResult(*pairs, *(jax.tree.unflatten(treedef, s) for s in sums_))
 
 
 @functools.lru_cache(maxsize=16)

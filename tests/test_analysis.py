@@ -163,8 +163,8 @@ def _named(*positions):
 
 
 def _result(bio_abs, qa_abs, cross, *, pair=((), (), ()), layer=((), (), ())):
-    return TraceResult(bio_abs, qa_abs, cross, *(np.asarray(x, np.float32) for x in pair),
-                       *(np.asarray(x, np.float32) for x in layer))
+    return TraceResult(*(np.asarray(x, np.float32) for x in pair), *(np.asarray(x, np.float32) for x in layer),
+                       bio_abs=bio_abs, qa_abs=qa_abs, cross=cross)
 
 
 @pytest.fixture(scope="module")

@@ -117,7 +117,7 @@ def test_combine_is_the_weighted_sum_and_save_load_round_trips(tmp_path):
     def random_result():
         tree = lambda: jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)  # noqa: E731
         pairs = [jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in [(5,)] * 3 + [(5, 2)] * 3]
-        return trace.TraceResult(tree(), tree(), tree(), *pairs)
+        return trace.TraceResult(*pairs, bio_abs=tree(), qa_abs=tree(), cross=tree())
 
     r1, r2 = random_result(), random_result()
     combined = trace.combine([r1, r2], [0.5, 2.0])
