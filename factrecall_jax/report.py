@@ -369,16 +369,16 @@ def mechanism_figures(out_dir: str, mech: dict) -> list[str]:
     names.append(_save(fig, out_dir, "shared_heads.png", tight=False))
 
     fig, (ax_grad, ax_time, ax_rep) = plt.subplots(1, 3, figsize=(15, 3.8))
-    for (regime, grad), style in zip(mech["consistency"]["gradient"].items(), ("-o", "-s")):
+    for (regime, grad), style, color in zip(mech["consistency"]["gradient"].items(), ("-o", "-s"), ("C0", "C1")):
         per_layer = grad["qa_train"]["per_layer"]
-        ax_grad.plot(range(len(per_layer)), per_layer, style, label=regime.replace("_", "-"))
+        ax_grad.plot(range(len(per_layer)), per_layer, style, color=color, label=regime.replace("_", "-"))
         steps = [c["step"] for c in grad["per_checkpoint"]]
         for key, people, alpha in (("mean", "training people", 1.0), ("held_out_mean", "held-out", 0.45)):
-            ax_time.plot(steps, [c[key] for c in grad["per_checkpoint"]], style, alpha=alpha,
+            ax_time.plot(steps, [c[key] for c in grad["per_checkpoint"]], style, color=color, alpha=alpha,
                          label=f"{regime.replace('_', '-')}: {people}")
         rep = mech["consistency"]["representation"][regime]["qa_train"]
         for site, alpha in (("subject", 1.0), ("answer", 0.45)):
-            ax_rep.plot(range(len(rep[site])), rep[site], style, alpha=alpha,
+            ax_rep.plot(range(len(rep[site])), rep[site], style, color=color, alpha=alpha,
                         label=f"{regime.replace('_', '-')}: {site}")
     ax_grad.set(xlabel="layer", ylabel="mean cosine", title="Gradient consistency (BIO vs QA, per layer)")
     ax_time.set(xlabel="step", ylabel="mean cosine", title="Gradient consistency at each traced checkpoint")

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from factrecall_jax import models, trace
+from factrecall_jax.models import layers
 
 RTOL = 1e-5
 
@@ -150,3 +151,18 @@ def test_bad_arguments_are_named():
         trace.cross_task_trace(lambda p, ex: 0.0, params, batch, batch, chunk_size=4, group=3)
     with pytest.raises(ValueError, match=r"sizes \[2, 3\]"):
         trace.cross_task_trace(lambda p, ex: 0.0, params, batch, {"inputs": np.zeros((2, 4), np.int32)})
+
+
+def test_a_tape_records_each_module_once_and_changes_nothing_outside():
+    """Under a Tape a module records its input and adds its probe; a second call would give it two output
+    gradients and no one per-example gradient, so it is refused; outside a tape the module computes as before."""
+    dense = layers.dense("BTD,DF->BTF", (4, 3), use_bias=True, init_std=1.0, dtype=jnp.float32,
+                         param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jnp.ones((1, 2, 4))
+    plain = dense(x)
+    with layers.Tape(dense, {"/out": jnp.full((1, 2, 3), 5.0)}) as tape:
+        np.testing.assert_array_equal(dense(x), plain + 5.0)
+        with pytest.raises(ValueError, match="ran twice under one tape"):
+            dense(x)
+    assert tape.inputs["/out"] is x and list(tape.modules) == ["/out"]
+    np.testing.assert_array_equal(dense(x), plain)

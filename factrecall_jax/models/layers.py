@@ -78,6 +78,8 @@ class Tape:
         _TAPE.reset(self._token)
 
     def record(self, module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+        if id(module) not in self._paths:  # a module outside this tape's root
+            return y
         key = f"{self._paths[id(module)]}/{name}"
         if key in self.modules:
             raise ValueError(f"{key} ran twice under one tape; per-example gradients need one call per tap")
@@ -93,9 +95,7 @@ class Tape:
 def tap(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
     """y; under a Tape whose root holds `module`, also records x and adds the probe of (module, name) to y."""
     tape = _TAPE.get()
-    if tape is None or id(module) not in tape._paths:
-        return y
-    return tape.record(module, name, x, y)
+    return y if tape is None else tape.record(module, name, x, y)
 
 
 # A module's grad_specs(name) -> {parameter: (einsum spec, operands)}: the parameter's gradient for one example is
