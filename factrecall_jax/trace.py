@@ -416,7 +416,7 @@ def _gram(side_u, side_v, dtype) -> jax.Array:
         v = positions(jnp.einsum(f"...{lv}->...{sv}{vocab}", v), len(sv))
         return jnp.take_along_axis(v, positions(u.ids, len(su))[:, None, :], axis=2).swapaxes(1, 2).astype(dtype)
     gram = jnp.einsum(f"...{lu},...{lv}->...{su}{sv}", u, v, preferred_element_type=dtype)
-    return positions(jnp.moveaxis(positions(gram, len(su)), 1, -1), len(sv)).swapaxes(1, 2)
+    return gram.reshape(gram.shape[0], math.prod(gram.shape[1:1 + len(su)]), -1)
 
 
 def _pair_dot(terms_b, terms_q, shape, dtype) -> jax.Array:

@@ -1,5 +1,6 @@
 """Sharding cases on 8 fake CPU devices. Not collected by default (no test_ prefix): test_sharding.py runs this file
 in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8, set before JAX starts."""
+import dataclasses
 import functools
 import os
 
@@ -92,15 +93,23 @@ def test_sharded_train_steps_equal_single_device(name, shape):
 
 @pytest.mark.parametrize("shape", MESHES)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_sharded_trace_equals_unsharded(name, shape):
+def test_sharded_trace_equals_unsharded(name, shape, monkeypatch):
     """Every chunk's pairs split over data x fsdp (chunks of that many pairs, the last one padded), the sums laid
-    out like the parameters: the same trace as one device in chunks of 2."""
+    out like the parameters, per-example gradients laid out like their parameter and formed pair by pair where a
+    batch axis is left free (every parameter, as at scale): the same trace, and the same pair_statistics, as one
+    device in chunks of 2."""
+    monkeypatch.setattr(trace, "_SMALL", 0)
     mesh = sharding.make_mesh(shape)
     graphdef, params = split(name)
     params_sh = sharding.param_shardings(params, mesh)
-    result = trace.cross_task_trace(trace.lm_loss(graphdef, params), sharding.shard(params, params_sh),
-                                    rows(2, PAIRS), rows(3, PAIRS), chunk_size=sharding.batch_devices(mesh), mesh=mesh)
+    args = (sharding.shard(params, params_sh), rows(2, PAIRS), rows(3, PAIRS))
+    result = trace.cross_task_trace(trace.lm_loss(graphdef, params), *args, chunk_size=sharding.batch_devices(mesh),
+                                    mesh=mesh)
     assert_trees_close(result, single_device_trace(name), 1e-5, 1e-6)
+    stats = trace.pair_statistics(trace.lm_loss(graphdef, params), *args, chunk_size=sharding.batch_devices(mesh),
+                                  mesh=mesh)
+    assert_trees_close(stats, trace.PairStatistics(*(getattr(result, f.name) for f in dataclasses.fields(stats))),
+                       1e-5, 1e-6)
     with pytest.raises(ValueError, match="multiple of"):
         trace.cross_task_trace(trace.lm_loss(graphdef, params), params, rows(2, PAIRS), rows(3, PAIRS),
                                chunk_size=sharding.batch_devices(mesh) + 1, mesh=mesh)
