@@ -3,9 +3,9 @@ layers, attention heads, MLP neurons), how concentrated they are, and how aligne
 
 Masks are boolean trees like the parameters (nnx.State of nnx.Param, each carrying its logical axis names in the
 `out_sharding` metadata), so `interventions` can ablate or graft them directly. The aggregations read those axis names,
-not module names, so any model built with them works: a leaf whose first axis is "layers" is stacked (one slice per
-layer), "heads" / "kv_heads" index attention heads and "mlp" indexes MLP neurons. Everything else returns plain Python
-and numpy values, ready for JSON.
+not module names, so any model built with them works: `stacking` decides which leaves are stacked (one slice per
+layer), as it does for the trace; "heads" / "kv_heads" index attention heads and "mlp" indexes MLP neurons. Everything
+else returns plain Python and numpy values, ready for JSON.
 
 Selecting the top fraction of a billion-parameter tree must not copy it into one array: `top_fraction_mask` finds the
 exact threshold by bisection over float32 bit patterns, reading the tree once per step (about 31 steps).
@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from factrecall_jax import errors
+from factrecall_jax import errors, stacking
 from factrecall_jax.models.layers import LOGICAL_AXES
 from factrecall_jax.trace import PairStatistics, TraceResult
 
-LAYER_AXIS, HEAD_AXIS, KV_HEAD_AXIS, NEURON_AXIS = "layers", LOGICAL_AXES["N"], LOGICAL_AXES["K"], LOGICAL_AXES["F"]
+HEAD_AXIS, KV_HEAD_AXIS, NEURON_AXIS = LOGICAL_AXES["N"], LOGICAL_AXES["K"], LOGICAL_AXES["F"]
 RULES = ("intersection", "cross")
 SCOPES = ("global", "tensor")
 _INF_BITS = 0x7F800000  # the int32 bit pattern of float32 +inf, above every finite non-negative float32
@@ -63,11 +63,6 @@ def _mask_at_least(leaves: list[jax.Array], bits: list[jax.Array]) -> list[jax.A
     return [_positive_bits(x) >= jnp.reshape(b, b.shape + (1,) * (x.ndim - b.ndim)) for x, b in zip(leaves, bits)]
 
 
-def _is_stacked(leaf) -> bool:
-    """Whether a leaf holds one tensor per layer: an nnx.Variable whose first logical axis is "layers"."""
-    return isinstance(leaf, nnx.Variable) and tuple(leaf.get_metadata().get("out_sharding") or ())[:1] == (LAYER_AXIS,)
-
-
 def top_fraction_mask(tree, fraction: float, scope: str = "global"):
     """True where a value is positive and among the top `fraction` of the values of its group: all leaves together
     (scope "global"), or each tensor on its own (scope "tensor": every leaf, and every layer of a stacked leaf).
@@ -79,8 +74,8 @@ def top_fraction_mask(tree, fraction: float, scope: str = "global"):
     step: no leaf is copied or concatenated.
 
     Args:
-      tree: any pytree of arrays, e.g. an nnx.State like the parameters (whose "layers" axis metadata marks stacked
-        leaves; leaves of a plain pytree are one tensor each).
+      tree: any pytree of arrays, e.g. an nnx.State like the parameters (`stacking` marks its stacked leaves; leaves
+        of a plain pytree are one tensor each).
       fraction: in (0, 1].
       scope: one of SCOPES. A global ranking compares tensors of different gradient scale, so it can fall on a few
         tensors; "tensor" asks where each tensor's own largest values sit.
@@ -95,8 +90,7 @@ def top_fraction_mask(tree, fraction: float, scope: str = "global"):
     leaves, treedef = jax.tree.flatten(tree)
     if not sum(x.size for x in leaves):
         raise ValueError("top_fraction_mask got a tree with no values")
-    stacked = tuple(scope == "tensor" and _is_stacked(v)
-                    for v in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    stacked = tuple(scope == "tensor" and s for s in stacking.stacked_leaves(tree))
     if scope == "global":  # one group; its threshold applies to every leaf
         group_sizes = np.array([sum(x.size for x in leaves)])
         group_counts = lambda counts: np.array([sum(int(c.sum(dtype=np.int64)) for c in counts)])
@@ -140,15 +134,15 @@ def shared_parameters(result: TraceResult, top_fraction: float = 0.01, rule: str
 # Where the shared parameters sit.
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _mask_leaves(mask) -> Iterator[tuple[str, jax.Array, tuple]]:
-    """(dotted path, boolean array, logical axis names or ()) for every leaf of a mask."""
-    for path, leaf in jax.tree_util.tree_leaves_with_path(mask, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+def _mask_leaves(mask) -> Iterator[tuple[str, jax.Array, tuple, bool]]:
+    """(dotted path, boolean array, logical axis names or (), whether stacked) for every leaf of a mask."""
+    leaves = jax.tree_util.tree_leaves_with_path(mask, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    for (path, leaf), stacked in zip(leaves, stacking.stacked_leaves(mask)):
         name = jax.tree_util.keystr(path, simple=True, separator=".")
-        x, axes = (leaf.get_value(), tuple(leaf.get_metadata().get("out_sharding") or ())) \
-            if isinstance(leaf, nnx.Variable) else (leaf, ())
+        x = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
         if x.dtype != jnp.bool_:
-            raise ValueError(f"mask leaf {name} has dtype {x.dtype}; a mask must be boolean")
-        yield name, x, axes
+            raise errors.InvalidValue(f"mask leaf {name} has dtype {x.dtype}; a mask must be boolean")
+        yield name, x, stacking.axis_names(leaf), stacked
 
 
 def _share(count: int, size: int) -> dict:
@@ -165,9 +159,9 @@ def module_counts(mask) -> dict:
       "layers.attention.query_key_value.bias", "embed_tokens.embedding", "norm.scale".
     """
     modules, layer_counts, layer_size = {}, None, 0
-    for name, x, axes in _mask_leaves(mask):
+    for name, x, _, stacked in _mask_leaves(mask):
         per_layer = None
-        if axes[:1] == (LAYER_AXIS,):
+        if stacked:
             per_layer = np.asarray(jnp.sum(x.reshape(x.shape[0], -1), axis=1, dtype=jnp.int32), np.int64)
             layer_counts = per_layer if layer_counts is None else layer_counts + per_layer
             layer_size += x.size // x.shape[0]
@@ -182,8 +176,8 @@ def _axis_counts(mask, axis: str) -> np.ndarray | None:
     """[L, size of `axis`]: True entries per layer and index along `axis`, summed over every stacked leaf that has
     the axis; None when none has."""
     total = None
-    for _, x, axes in _mask_leaves(mask):
-        if axes[:1] == (LAYER_AXIS,) and axis in axes:
+    for _, x, axes, stacked in _mask_leaves(mask):
+        if stacked and axis in axes:
             i = axes.index(axis)
             counts_LA = jnp.sum(x, axis=tuple(a for a in range(1, x.ndim) if a != i), dtype=jnp.int32)
             total = counts_LA if total is None else total + counts_LA

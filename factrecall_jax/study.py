@@ -56,19 +56,19 @@ def trace_run(run: experiment.Run, fact_pairs: dict, *, workdir: str | None = No
     gradient consistency ("held_out_gradient_consistency", from trace.pair_statistics: no sums to keep)."""
     workdir = workdir or run.workdir
     plan = checkpoint_plan(workdir, num_checkpoints)
-    loss, combined, records = trace.lm_loss(run.graphdef, run.abstract_params), None, []
+    combined, records = None, []
     for entry in plan:
         start = time.perf_counter()
-        params = run.params(entry["step"], entry["dir"])
-        result = trace.cross_task_trace(loss, params, fact_pairs["bio"], fact_pairs["qa"], chunk_size=chunk_size,
-                                        mesh=run.mesh)
+        model = nnx.merge(run.graphdef, run.params(entry["step"], entry["dir"]))
+        result = trace.cross_task_trace(trace.lm_loss, model, fact_pairs["bio"], fact_pairs["qa"],
+                                        chunk_size=chunk_size, mesh=run.mesh)
         weighted = trace.combine([result], [entry["learning_rate"]])
         combined = weighted if combined is None else trace.combine([combined, weighted], [1.0, 1.0])
         consistency = analysis.gradient_consistency(result, {"attribute": fact_pairs["attribute"]})
         records.append({"step": entry["step"], "learning_rate": entry["learning_rate"], "gradient_consistency":
                         consistency})
         if held_out is not None:
-            stats = trace.pair_statistics(loss, params, held_out["bio"], held_out["qa"], chunk_size=chunk_size,
+            stats = trace.pair_statistics(trace.lm_loss, model, held_out["bio"], held_out["qa"], chunk_size=chunk_size,
                                           mesh=run.mesh)
             records[-1]["held_out_gradient_consistency"] = analysis.gradient_consistency(
                 stats, {"attribute": held_out["attribute"]})

@@ -70,8 +70,8 @@ def _eval(config, graphdef, params, mesh):
 
 def _lean_trace(config, graphdef, params, mesh):
     pairs = _rows((6 * config.trace.num_people, _SEQ_LEN.value), mesh, split=False)  # six facts per person
-    fn = trace.jit_trace(trace.lm_loss(graphdef, params), chunk_size=config.trace.chunk_size, mesh=mesh)
-    return fn.lower(params, pairs, pairs)
+    fn = trace.jit_trace(trace.lm_loss, graphdef, chunk_size=config.trace.chunk_size, mesh=mesh)
+    return fn.lower(params, nnx.State({}), pairs, pairs)
 
 
 def memory(compiled) -> dict:
@@ -113,7 +113,7 @@ def main(_):
         model_config.setdefault("vocab_size", len(tokenizer))
     abstract = nnx.eval_shape(lambda: models.from_config(model_config, dtype=experiment.DTYPES[config.dtype],
                                                          remat=config.train.remat))
-    graphdef, params = nnx.split(abstract, nnx.Param)
+    graphdef, params, _ = nnx.split(abstract, nnx.Param, ...)
     params = sharding.abstract_on(params, sharding.param_shardings(params, mesh))
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     print(f"{model_config['model_type']}, {count / 1e9:.2f}B parameters, compute {config.dtype}, parameters and "
@@ -131,7 +131,7 @@ def main(_):
     results["eval"] = memory(_eval(config, graphdef, params, mesh).compile())
     modules["eval"] = "jit_eval_step"
     results["lean_trace"] = memory(_lean_trace(config, graphdef, params, mesh).compile())
-    modules["lean_trace"] = "jit_cross_task"
+    modules["lean_trace"] = "jit_fn"
     print(f"  (eval: {config.train.eval_batch_size} rows; lean_trace: {6 * config.trace.num_people} pairs in chunks "
           f"of {config.trace.chunk_size})")
 

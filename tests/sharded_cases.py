@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from conftest import tiny_run_config
 from factrecall_jax import checkpoint, experiment, metrics, models, sharding, train, trace
 from factrecall_jax.data import schedules
+from factrecall_jax.trace import xla
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 CONFIGS = {"llama_gqa": models.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
@@ -63,9 +64,8 @@ def single_device_train(name):
 
 @functools.cache
 def single_device_trace(name):
-    graphdef, params = split(name)
-    return jax.device_get(trace.cross_task_trace(trace.lm_loss(graphdef, params), params, rows(2, PAIRS),
-                                                 rows(3, PAIRS), chunk_size=2))
+    model = models.from_config(CONFIGS[name], seed=0)
+    return jax.device_get(trace.cross_task_trace(trace.lm_loss, model, rows(2, PAIRS), rows(3, PAIRS), chunk_size=2))
 
 
 def assert_trees_close(actual, expected, rtol, atol):
@@ -98,21 +98,19 @@ def test_sharded_trace_equals_unsharded(name, shape, monkeypatch):
     out like the parameters, per-example gradients laid out like their parameter and formed pair by pair where a
     batch axis is left free (every parameter, as at scale): the same trace, and the same pair_statistics, as one
     device in chunks of 2."""
-    monkeypatch.setattr(trace, "_SMALL", 0)
+    monkeypatch.setattr(xla, "SMALL", 0)
     mesh = sharding.make_mesh(shape)
     graphdef, params = split(name)
     params_sh = sharding.param_shardings(params, mesh)
-    args = (sharding.shard(params, params_sh), rows(2, PAIRS), rows(3, PAIRS))
-    result = trace.cross_task_trace(trace.lm_loss(graphdef, params), *args, chunk_size=sharding.batch_devices(mesh),
-                                    mesh=mesh)
+    model = nnx.merge(graphdef, sharding.shard(params, params_sh))
+    args = (model, rows(2, PAIRS), rows(3, PAIRS))
+    result = trace.cross_task_trace(trace.lm_loss, *args, chunk_size=sharding.batch_devices(mesh), mesh=mesh)
     assert_trees_close(result, single_device_trace(name), 1e-5, 1e-6)
-    stats = trace.pair_statistics(trace.lm_loss(graphdef, params), *args, chunk_size=sharding.batch_devices(mesh),
-                                  mesh=mesh)
+    stats = trace.pair_statistics(trace.lm_loss, *args, chunk_size=sharding.batch_devices(mesh), mesh=mesh)
     assert_trees_close(stats, trace.PairStatistics(*(getattr(result, f.name) for f in dataclasses.fields(stats))),
                        1e-5, 1e-6)
     with pytest.raises(ValueError, match="multiple of"):
-        trace.cross_task_trace(trace.lm_loss(graphdef, params), params, rows(2, PAIRS), rows(3, PAIRS),
-                               chunk_size=sharding.batch_devices(mesh) + 1, mesh=mesh)
+        trace.cross_task_trace(trace.lm_loss, *args, chunk_size=sharding.batch_devices(mesh) + 1, mesh=mesh)
     jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(f"{x.sharding} != {s}"),
                  result.cross, params_sh)
 

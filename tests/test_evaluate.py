@@ -133,7 +133,7 @@ def test_accuracies_match_brute_force(request, tokenized, brute_force, evaluator
 def test_evaluator_skips_empty_splits(tokenized, model_parts, trained_params):
     tables, tokenizer = tokenized
     empty = schedules.TokenTable(np.zeros((0, 0), np.int32), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int8),
-                                 np.zeros(0, np.int32), tokenizer.pad_token_id)
+                                 np.zeros(0, np.int32), tokenizer.pad_token_id, np.zeros(0, np.int64))
     result = Evaluator({"qa_test": tables["qa_test"], "nobody": empty}, model_parts[0], batch_size=EVAL_BATCH)(
         trained_params)
     assert set(result) == {"qa_test_accuracy", "per_attribute"} and set(result["per_attribute"]) == {"qa_test"}

@@ -98,10 +98,11 @@ class TokenTable:
     value_ids: np.ndarray  # index into ATTRIBUTES of the value a token belongs to, -1 elsewhere
     lengths: np.ndarray
     pad_id: int
+    person_ids: np.ndarray  # [N] the person each row is about
 
     @classmethod
     def from_split(cls, split, pad_id: int) -> "TokenTable":
-        rows = split.select_columns(["input_ids", "loss_mask", "value_attribute_ids"]).to_dict()
+        rows = split.select_columns(["input_ids", "loss_mask", "value_attribute_ids", "person_id"]).to_dict()
         lengths = np.array([len(ids) for ids in rows["input_ids"]], np.int32)
         width = int(lengths.max(initial=0))
 
@@ -112,7 +113,7 @@ class TokenTable:
             return out
 
         return cls(padded("input_ids", pad_id, np.int32), padded("loss_mask", 0, np.float32),
-                   padded("value_attribute_ids", -1, np.int8), lengths, pad_id)
+                   padded("value_attribute_ids", -1, np.int8), lengths, pad_id, np.array(rows["person_id"], np.int64))
 
     def __len__(self):
         return len(self.lengths)

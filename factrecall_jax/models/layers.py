@@ -4,7 +4,6 @@ Dimensions: B batch, T query positions, S key positions, D hidden_size, N attent
 G query heads per key/value head (N // K), H head_dim, R rotated dims of a head (H * partial_rotary_factor),
 F intermediate_size, V vocab_size, L layers.
 """
-import contextvars
 import dataclasses
 import math
 import numbers
@@ -44,98 +43,8 @@ def with_axes(init: Callable, *names: str | None) -> Callable:
     return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Taps: each parametrized module's input and output gradient, from which its per-example gradients follow
-# --------------------------------------------------------------------------------------------------------------------
-
-_TAPE: contextvars.ContextVar = contextvars.ContextVar("tape", default=None)
-
-
-class Tape:
-    """Within `with Tape(root, probes):` every tapped module under `root` records its input x and returns its output
-    y plus a probe, so that the gradient with respect to the probes is each module's output gradient dy. Its
-    parameters' per-example gradients then follow from x and dy (the modules' `grad_specs`) without a second forward
-    pass: the factoring of Opacus' hooks and of ghost clipping. Outside a tape, modules compute as usual.
-
-    Keys are "<module path>/<tap name>". probes: {key: array}, or None to add nothing (the outputs give the probes'
-    shapes). An input read by several modules (q, k and v read one normalized x) is kept once: `aliases` maps the
-    other keys to the first.
-    """
-
-    def __init__(self, root: nnx.Module, probes: Mapping[str, jax.Array] | None = None):
-        self._paths = {id(m): ".".join(map(str, path)) for path, m in nnx.iter_modules(root)}
-        self.probes = probes
-        self.modules: dict[str, nnx.Module] = {}
-        self.inputs: dict[str, jax.Array] = {}
-        self.outputs: dict[str, jax.Array] = {}
-        self.aliases: dict[str, str] = {}
-
-    def __enter__(self) -> "Tape":
-        self._token = _TAPE.set(self)
-        return self
-
-    def __exit__(self, *exc):
-        _TAPE.reset(self._token)
-
-    def record(self, module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
-        if id(module) not in self._paths:  # a module outside this tape's root
-            return y
-        key = f"{self._paths[id(module)]}/{name}"
-        if key in self.modules:
-            raise ValueError(f"{key} ran twice under one tape; per-example gradients need one call per tap")
-        self.modules[key] = module
-        if (first := next((k for k, v in self.inputs.items() if v is x), None)) is None:
-            self.inputs[key] = x
-        else:
-            self.aliases[key] = first
-        self.outputs[key] = y
-        return y if self.probes is None else y + self.probes[key]
-
-
-def tap(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
-    """y; under a Tape whose root holds `module`, also records x and adds the probe of (module, name) to y."""
-    tape = _TAPE.get()
-    return y if tape is None else tape.record(module, name, x, y)
-
-
-# A module's grad_specs(name) -> {parameter: (einsum spec, operands)}: the parameter's gradient for one example is
-# einsum(spec, *operands), over the tap's input ("x"), its output gradient ("dy") or its input as token ids standing
-# for their one-hot vectors ("onehot", first, its vocabulary letter last). Letters the parameter lacks are summed.
-
-
-class Dense(nnx.Einsum):
-    """nnx.Einsum, tapped: the kernel's gradient is x contracted with dy over the rows and positions."""
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return tap(self, "out", x, super().__call__(x))
-
-    def grad_specs(self, name: str) -> dict[str, tuple[str, tuple[str, ...]]]:
-        x_letters, rest = self.einsum_str.split(",")
-        kernel_letters, out_letters = rest.split("->")
-        specs = {"kernel": (f"{x_letters},{out_letters}->{kernel_letters}", ("x", "dy"))}
-        if self.bias is not None:
-            bias_letters = "".join(c for c in kernel_letters if c in out_letters)
-            specs["bias"] = (f"{out_letters}->{bias_letters}", ("dy",))
-        return specs
-
-
-class Embed(nnx.Embed):
-    """nnx.Embed, tapped twice: the lookup (its gradient: rows of dy at the token ids) and, tied, the head."""
-
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        return tap(self, "lookup", ids, super().__call__(ids))
-
-    def attend(self, x: jax.Array) -> jax.Array:
-        return tap(self, "attend", x, super().attend(x))
-
-    def grad_specs(self, name: str) -> dict[str, tuple[str, tuple[str, ...]]]:
-        if name == "lookup":
-            return {"embedding": ("BTV,BTD->VD", ("onehot", "dy"))}
-        return {"embedding": ("BTD,BTV->VD", ("x", "dy"))}
-
-
 def dense(einsum_str: str, kernel_shape: tuple[int, ...], *, use_bias: bool, init_std: float, dtype, param_dtype,
-          rngs: nnx.Rngs) -> Dense:
+          rngs: nnx.Rngs) -> nnx.Einsum:
     """A projection like transformers' nn.Linear (normal(init_std) kernel, zero bias), with a head-structured kernel.
 
     The kernel's axes are the letters of the einsum's second operand; the bias covers those that reach the output.
@@ -143,15 +52,15 @@ def dense(einsum_str: str, kernel_shape: tuple[int, ...], *, use_bias: bool, ini
     kernel_letters, out_letters = einsum_str.split(",")[1].split("->")
     bias_letters = [c for c in kernel_letters if c in out_letters]
     bias_shape = tuple(kernel_shape[kernel_letters.index(c)] for c in bias_letters) if use_bias else None
-    return Dense(
+    return nnx.Einsum(
         einsum_str, kernel_shape, bias_shape, dtype=dtype, param_dtype=param_dtype,
         kernel_init=with_axes(nnx.initializers.normal(init_std), *(LOGICAL_AXES[c] for c in kernel_letters)),
         bias_init=with_axes(nnx.initializers.zeros, *(LOGICAL_AXES[c] for c in bias_letters)), rngs=rngs)
 
 
-def embed(num_embeddings: int, features: int, *, init_std: float, dtype, param_dtype, rngs: nnx.Rngs) -> Embed:
+def embed(num_embeddings: int, features: int, *, init_std: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Embed:
     """A token embedding [V, D] initialized like transformers' nn.Embedding under _init_weights."""
-    return Embed(num_embeddings, features, dtype=dtype, param_dtype=param_dtype,
+    return nnx.Embed(num_embeddings, features, dtype=dtype, param_dtype=param_dtype,
                  embedding_init=with_axes(nnx.initializers.normal(init_std), "vocab", "embed"), rngs=rngs)
 
 
@@ -172,10 +81,7 @@ class RMSNorm(nnx.Module):
         # Normalize in float32 and cast back before scaling, as LlamaRMSNorm.forward does.
         x32 = x.astype(jnp.float32)
         y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
-        return tap(self, "out", y, (_last_axis(self.scale[...], x.ndim) * y).astype(self.dtype))
-
-    def grad_specs(self, name: str) -> dict[str, tuple[str, tuple[str, ...]]]:
-        return {"scale": ("BTD,BTD->D", ("x", "dy"))}
+        return (_last_axis(self.scale[...], x.ndim) * y).astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -192,10 +98,7 @@ class LayerNorm(nnx.Module):
         centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
         y = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.eps)
         scale, bias = (_last_axis(p[...].astype(jnp.float32), x.ndim) for p in (self.scale, self.bias))
-        return tap(self, "out", y, (y * scale + bias).astype(self.dtype))
-
-    def grad_specs(self, name: str) -> dict[str, tuple[str, tuple[str, ...]]]:
-        return {"scale": ("BTD,BTD->D", ("x", "dy")), "bias": ("BTD->D", ("dy",))}
+        return (y * scale + bias).astype(self.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,38 +268,35 @@ def check_remat(remat: str) -> str:
 
 
 def scan_layers(stacked: nnx.Module, x: jax.Array, *args, collect: bool = False, remat: str = "none"):
-    """x = layer_l(x, *args) for l = 0 .. L-1 under one jax.lax.scan, so compile time does not grow with depth.
+    """x = layer_l(x, *args) for l = 0 .. L-1 under one scan (nnx.scan), so compile time does not grow with depth.
 
     collect=True also returns every layer's output, stacked [L, *x.shape]. The residual stream entering each layer
     is split by rows over the ambient mesh's batch axes (`sharding.constrain_rows`); `remat` (REMAT_POLICIES) sets
-    what the backward pass keeps of each layer.
+    what the backward pass keeps of each layer. nnx.scan rather than jax.lax.scan over split state, so that what a
+    layer's modules sow or perturb under `nnx.capture` (the gradient trace) comes out stacked per layer.
     """
-    graphdef, state = nnx.split(stacked)
+    policy = REMAT_POLICIES[check_remat(remat)]
 
-    def layer(carry, layer_state):
-        return nnx.merge(graphdef, layer_state)(sharding.constrain_rows(carry), *args)
-
-    if REMAT_POLICIES[check_remat(remat)] is not None:
-        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat])
-
-    def body(carry, layer_state):
-        out = layer(carry, layer_state)
+    def body(carry, layer, args):
+        out = layer(sharding.constrain_rows(carry), *args)
         return out, out if collect else None
 
-    x, outputs = jax.lax.scan(body, x, state)
+    if policy is not None:
+        body = nnx.remat(body, policy=policy, graph=False)
+    # graph=False (modules as pytrees): a model merged outside the current trace (closed over by jax.jit) still runs.
+    x, outputs = nnx.scan(body, in_axes=(nnx.Carry, 0, None), out_axes=(nnx.Carry, 0), graph=False)(x, stacked, args)
     return (x, outputs) if collect else x
 
 
 class CausalLM(nnx.Module):
     """embed -> the stacked layers (`self.layers`, one scan) -> unembed, with each stage callable on its own.
 
-    The stages are public because the lean gradient trace differentiates one layer at a time and representation
-    analyses read the residual stream between layers. Subclasses set `config`, `layers` and `remat` (what a training
+    The stages are public because representation analyses read the residual stream between layers. Subclasses set `config`, `layers` and `remat` (what a training
     step's backward pass keeps of each layer: REMAT_POLICIES) and name their embedding,
     final norm and head as their Hugging Face checkpoints do, returning them from `_ends`.
     """
 
-    def _ends(self) -> tuple[Embed, nnx.Module, nnx.Module | None]:
+    def _ends(self) -> tuple[nnx.Embed, nnx.Module, nnx.Module | None]:
         """(token embedding, final norm, untied output head or None when tied)."""
         raise NotImplementedError
 
