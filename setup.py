@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["factrecall_jax", "factrecall_jax.*"]),
-    package_data={"factrecall_jax.data": ["pools/*.txt", "pools/*.tsv"]},
+    package_data={"factrecall_jax": ["py.typed"], "factrecall_jax.data": ["pools/*.txt", "pools/*.tsv"]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12.8",

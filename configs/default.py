@@ -83,6 +83,15 @@ def get_config(preset=None):
     config.two_stage.fresh_optimizer = True
     # A two-stage work directory whose stage-boundary checkpoint this run's stage 2 starts from ("": run stage 1).
     config.two_stage.fork_from = ""
+    # Which people a step reads (Zucchet et al. 2025's data-order levers), in every phase of both schedules; both are
+    # off here (start_fraction 1, power 0), and steps read every row once per epoch.
+    config.people = ml_collections.ConfigDict()
+    # The share of the people each phase's first step reads (1.0: all); a seeded order admits them, e.g. 0.25.
+    config.people.start_fraction = 1.0
+    # The share of each phase's steps over which the admitted share grows linearly to all people (0: all from step 1).
+    config.people.widen_fraction = 0.5
+    # Rows drawn with weight (rank + 1) ** -power of their person, over a seeded order (0: uniform; Zucchet: 0.6-0.8).
+    config.people.power = 0.0
 
     # The device mesh (sharding.make_mesh): sizes of the data, fsdp and tensor axes, -1 for the rest of the devices.
     # Batches split over data x fsdp; parameters and optimizer state by their logical axis names (sharding.RULES).

@@ -141,6 +141,21 @@ def _schedules(config):
                f"a run with a checkpoint at the stage boundary, step {c.stage1_steps} (it has {saved})")
 
 
+def _people(config):
+    fields = {f.name for f in dataclasses.fields(schedules.PeopleSampling)}
+    if unknown := sorted(set(_get(config, "people")) - fields):
+        raise errors.InvalidValue(f"people.{unknown[0]} is not a field of schedules.PeopleSampling: expected some of "
+                                  f"{', '.join(sorted(fields))}")
+    start = _get(config, "people.start_fraction")
+    _check(_is_number(start) and 0 < start <= 1, "people.start_fraction", start,
+           "a fraction in (0, 1] (1.0: all people from the start)")
+    widen = _get(config, "people.widen_fraction")
+    _check(_is_number(widen) and 0 <= widen <= 1, "people.widen_fraction", widen,
+           "a fraction of each phase's steps in [0, 1]")
+    power = _get(config, "people.power")
+    _check(_is_nonnegative(power), "people.power", power, "a number >= 0 (0: uniform)")
+
+
 def _optimizers(config):
     fields = {f.name for f in dataclasses.fields(train_lib.OptimizerConfig)}
     if unknown := sorted(set(config.optimizer) - fields):
@@ -230,5 +245,5 @@ def _study(config):
 
 
 _JOBS = {"data": (_data, _tokenizer)}
-_JOBS["train"] = (*_JOBS["data"], _schedules, _optimizers, _mesh, _model, _train)
+_JOBS["train"] = (*_JOBS["data"], _schedules, _people, _optimizers, _mesh, _model, _train)
 _JOBS["reproduce"] = (*_JOBS["train"], _study)

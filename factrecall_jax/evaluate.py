@@ -4,6 +4,10 @@ A value counts as recalled when every one of its tokens is the argmax given the 
 induction that is the same as greedy decoding reproducing the value token for token, which `generate` does the slow
 way (the tests check the two agree). For a QA row the value is the answer; for a biography each of its six values is
 scored on its own, given the biography up to it.
+
+Held-out QA is also reported in its two parts (data.population.ONE_HOP, COMPOSED): the mean over the one-hop facts
+and the employer's city, whose question needs name -> employer -> city; `composition` asks whether the model knows
+both hops of that chain for a held-out person and still fails to answer it.
 """
 import functools
 from collections.abc import Mapping, Sequence
@@ -15,7 +19,11 @@ from flax import nnx
 
 from factrecall_jax import sharding as sharding_lib
 from factrecall_jax.data import ATTRIBUTES
+from factrecall_jax.data.population import COMPOSED, COMPOSED_VIA, ONE_HOP
 from factrecall_jax.data.schedules import TokenTable
+
+HELD_OUT = "qa_test"  # the questions about people whose QA was never trained
+ONE_HOP_KEY, COMPOSED_KEY = f"{HELD_OUT}_one_hop_accuracy", f"{HELD_OUT}_{COMPOSED}_accuracy"  # evaluation keys
 
 
 def value_hits(graphdef: nnx.GraphDef, params: nnx.State, batch: Mapping[str, jax.Array]):
@@ -48,11 +56,11 @@ class Evaluator:
     def __init__(self, tables: Mapping[str, TokenTable], graphdef: nnx.GraphDef, batch_size: int = 512,
                  sharding: jax.sharding.NamedSharding | None = None):
         self._hits = jit_value_hits(graphdef, None if sharding is None else sharding.mesh)
-        self._batches, self._rows = {}, {}
+        self._batches, self._rows, self._people = {}, {}, {}
         for split, table in tables.items():
             if not len(table):
                 continue
-            self._rows[split] = len(table)
+            self._rows[split], self._people[split] = len(table), table.person_ids
             rows = np.arange(-(-len(table) // batch_size) * batch_size) % len(table)
             length = table.input_ids.shape[1] - 1
             values = np.where(np.arange(len(rows))[:, None] < len(table), table.value_ids[rows, 1:], -1)
@@ -71,14 +79,69 @@ class Evaluator:
         """{"<split>_accuracy": x, "per_attribute": {"<split>": {attribute: x}}} for every split.
 
         The bio split is reported as "bio_accuracy": BIO recall, the share of (person, attribute) values recalled.
+        Held-out QA adds ONE_HOP_KEY (the mean of the one-hop attributes' accuracies) and COMPOSED_KEY (the
+        employer's city); with the bio split too, "composition" (see `composition`).
         """
-        result, per_attribute = {}, {}
+        result, per_attribute, recalls = {}, {}, {}
         for split in self._batches:
-            present, recalled = self.recall(params, split)
+            present, recalled = recalls[split] = self.recall(params, split)
             result[f"{split}_accuracy"] = float(recalled.sum() / max(present.sum(), 1))
             per_attribute[split] = {a: float(recalled[:, i].sum() / present[:, i].sum())
                                     for i, a in enumerate(ATTRIBUTES) if present[:, i].any()}
-        return {**result, "per_attribute": per_attribute}
+            if split == HELD_OUT:
+                result |= _held_out_parts(per_attribute[split])
+        result["per_attribute"] = per_attribute
+        if {"bio", HELD_OUT} <= set(recalls):
+            result["composition"] = composition(self._people["bio"], *recalls["bio"], self._people[HELD_OUT],
+                                                *recalls[HELD_OUT])
+        return result
+
+
+def _held_out_parts(per_attribute: Mapping[str, float]) -> dict:
+    """The two parts of held-out QA that fail for different reasons: the one-hop mean and the composed fact."""
+    parts = {}
+    if one_hop := [per_attribute[a] for a in ONE_HOP if a in per_attribute]:
+        parts[ONE_HOP_KEY] = float(np.mean(one_hop))
+    if COMPOSED in per_attribute:
+        parts[COMPOSED_KEY] = per_attribute[COMPOSED]
+    return parts
+
+
+def composition(bio_people: np.ndarray, bio_present: np.ndarray, bio_recalled: np.ndarray, qa_people: np.ndarray,
+                qa_present: np.ndarray, qa_recalled: np.ndarray) -> dict:
+    """Whether held-out questions about the employer's city fail for want of a hop or for want of chaining two
+    hops the model has.
+
+    Per person with a row in the QA split: the employer is answered (QA); the city is completed from the biography
+    (BIO recall of the city: teacher-forced on the biography up to it, which in the default sentence order is the
+    employer sentence and the city sentence's prefix; with several biographies, only when all of them recall it); the
+    city is answered (QA). bio_* and qa_*: the rows' person ids [N] and present / recalled [N, A] of each split.
+
+    Returns {"people", "employer_answered", "city_completed", "city_answered": shares of the people, "both_known" and
+    "others": {"people", "city_answered"}}: both_known are the people with the employer answered and the city
+    completed, others the rest. A share of nobody is None.
+    """
+    people = np.unique(qa_people)
+
+    def known(row_people, present, recalled, attribute):
+        """Per person, whether every one of their rows holding `attribute` recalls it (False without such rows)."""
+        a = ATTRIBUTES.index(attribute)
+        rows, ok = row_people[present[:, a]], recalled[present[:, a], a]
+        return np.isin(people, rows) & ~np.isin(people, rows[~ok])
+
+    employer = known(qa_people, qa_present, qa_recalled, COMPOSED_VIA)
+    completed = known(bio_people, bio_present, bio_recalled, COMPOSED)
+    answered = known(qa_people, qa_present, qa_recalled, COMPOSED)
+    both = employer & completed
+
+    def share(hits, of):
+        return float(hits[of].mean()) if of.any() else None
+
+    everyone = np.ones(len(people), bool)
+    return {"people": len(people), "employer_answered": share(employer, everyone),
+            "city_completed": share(completed, everyone), "city_answered": share(answered, everyone),
+            **{group: {"people": int(of.sum()), "city_answered": share(answered, of)}
+               for group, of in (("both_known", both), ("others", ~both))}}
 
 
 def generate(graphdef: nnx.GraphDef, params: nnx.State, prompts: Sequence[Sequence[int]], max_new_tokens: int,

@@ -36,16 +36,19 @@ def load_data(config):
 
 
 def schedule(config) -> tuple[schedules.Phase, ...]:
-    """The phases of `config.schedule`, with the optimizer settings of `config.optimizer` (and stage 2's own)."""
+    """The phases of `config.schedule`, with the optimizer settings of `config.optimizer` (and stage 2's own) and
+    the people levers of `config.people` in every phase."""
     optimizer = train_lib.OptimizerConfig(**config.optimizer)
+    # a config.json written before the levers existed has no people section: those runs read every row per epoch
+    people = schedules.PeopleSampling(**config.get("people", {}))
     if config.schedule == "mixed":
-        return schedules.mixed(config.mixed.steps, config.mixed.bio_batch, config.mixed.qa_batch, optimizer)
+        return schedules.mixed(config.mixed.steps, config.mixed.bio_batch, config.mixed.qa_batch, optimizer, people)
     if config.schedule == "two_stage":
         c = config.two_stage
         stage2 = dataclasses.replace(optimizer, learning_rate=c.stage2_learning_rate,
                                      weight_decay=c.stage2_weight_decay)
         return schedules.two_stage(c.stage1_steps, c.bio_batch, c.stage2_steps, c.qa_batch, optimizer, stage2,
-                                   c.fresh_optimizer)
+                                   c.fresh_optimizer, people)
     raise errors.InvalidValue(f"schedule={config.schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
 
 

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+__all__ = ["ablate", "graft", "random_mask"]
+
 
 def _by_path(tree) -> dict:
     """{path: array} of a tree like the parameters; an nnx.State and its nnx.to_pure_dict give the same paths."""

@@ -9,11 +9,16 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 import numpy as np  # noqa: E402
 
 from factrecall_jax.data import ATTRIBUTES  # noqa: E402
+from factrecall_jax.evaluate import COMPOSED_KEY, ONE_HOP_KEY  # noqa: E402
 
 # The fairest two-stage model must still know its biographies and its training questions: a stage 2 that erased
 # the biographies would make mixed training win for the wrong reason.
 FAIREST_MIN_BIO = 0.80
 FAIREST_MIN_IN_DIST = 0.95
+# The report says a model stores both hops of the employer's city but does not compose them when at least this many
+# held-out people know both hops and fewer than this share of them get the city answered.
+COMPOSITION_MIN_PEOPLE = 20
+COMPOSITION_MAX_ANSWERED = 0.5
 
 
 def fairest(sweep: list[dict]) -> dict | None:
@@ -28,20 +33,68 @@ def stage2_setting(entry: dict) -> str:
     return f"LR {entry['stage2_lr']:g}, wd {entry['stage2_weight_decay']:g}"
 
 
-def _rows(summary):
+def _headline(summary):
+    """Mixed and the fairest two-stage run, the two the findings compare."""
     yield "mixed", summary["mixed"]
     if summary["two_stage"] is not None:
         yield f"two-stage, fairest (stage 2 {stage2_setting(summary['two_stage'])})", summary["two_stage"]
+
+
+def _rows(summary):
+    yield from _headline(summary)
     for entry in summary["two_stage_sweep"]:
         yield f"two-stage, stage 2 {stage2_setting(entry)}", entry
 
 
+HELD_OUT_HEADER = "held-out QA, overall | held-out one-hop mean | held-out employer's city"
+
+
+def _held_out(e: dict) -> str:
+    """Held-out QA's cells: overall, the one-hop mean and the employer's city (they fail for different reasons)."""
+    return f"{e['qa_test_accuracy']:.3f} | {e[ONE_HOP_KEY]:.3f} | {e[COMPOSED_KEY]:.3f}"
+
+
 def results_table(summary: dict) -> str:
-    """A markdown table: held-out QA, in-distribution QA and BIO recall of every run."""
-    lines = ["| run | held-out QA | in-dist QA | BIO recall |", "|---|---|---|---|"]
-    lines += [f"| {name} | {e['qa_test_accuracy']:.3f} | {e['qa_train_accuracy']:.3f} | {e['bio_accuracy']:.3f} |"
+    """A markdown table: held-out QA (overall, one-hop mean, employer's city), in-distribution QA and BIO recall of
+    every run."""
+    lines = [f"| run | {HELD_OUT_HEADER} | in-dist QA | BIO recall |", "|---" * 6 + "|"]
+    lines += [f"| {name} | {_held_out(e)} | {e['qa_train_accuracy']:.3f} | {e['bio_accuracy']:.3f} |"
               for name, e in _rows(summary)]
     return "\n".join(lines)
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share:.0%}"
+
+
+def composition_table(summary: dict) -> str:
+    """A markdown table of evaluate.composition per run: which hop of name -> employer -> city held-out people lack."""
+    lines = ["| run | held-out people | employer answered | city completed from the biography | city answered | "
+             "both hops known | city answered: both hops known | city answered: the others |", "|---" * 8 + "|"]
+    for name, e in _rows(summary):
+        c = e["composition"]
+        cells = [c["people"], *map(_percent, (c["employer_answered"], c["city_completed"], c["city_answered"])),
+                 c["both_known"]["people"], _percent(c["both_known"]["city_answered"]),
+                 _percent(c["others"]["city_answered"])]
+        lines.append(f"| {name} | " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def composition_findings(summary: dict) -> str:
+    """A sentence per compared run: how many held-out people know both hops, and whether the city is then answered."""
+    sentences = []
+    for name, e in _headline(summary):
+        c = e["composition"]
+        both, others = c["both_known"], c["others"]
+        answered = [f"{_percent(group['city_answered'])} of {label}" for label, group in
+                    (("them", both), (f"the other {others['people']}", others)) if group["people"]]
+        text = (f"{name[0].upper() + name[1:]}: {both['people']} of {c['people']} held-out people know both hops "
+                "(the employer answered, the city completed from the biography); the city is answered for "
+                + " and ".join(answered))
+        if both["people"] >= COMPOSITION_MIN_PEOPLE and both["city_answered"] < COMPOSITION_MAX_ANSWERED:
+            text += ": the model stores both facts but does not compose them"
+        sentences.append(text + ".")
+    return " ".join(sentences)
 
 
 def per_attribute_table(summary: dict) -> str:
@@ -67,6 +120,10 @@ def _declining(per_attribute: dict) -> bool:
     return np.mean(values[:3]) > np.mean(values[3:]) + 0.2
 
 
+def _parts(e: dict) -> str:
+    return f"one-hop mean {e[ONE_HOP_KEY]:.1%}, the employer's city {e[COMPOSED_KEY]:.1%}"
+
+
 def findings(summary: dict, setting: dict) -> str:
     """One paragraph that states what the numbers show, including where they fall short of the paper's contrast.
 
@@ -75,8 +132,8 @@ def findings(summary: dict, setting: dict) -> str:
     mixed, fair, sweep = summary["mixed"], summary["two_stage"], summary["two_stage_sweep"]
     text = (f"Mixed training (QA {setting['qa_token_share']:.0%} of the training tokens, QA loss on "
             f"{'the whole question and answer' if setting['qa_loss'] == 'all' else 'the answer'}) answers "
-            f"{mixed['qa_test_accuracy']:.1%} of the questions about held-out people "
-            f"(in-distribution {mixed['qa_train_accuracy']:.1%}, BIO recall {mixed['bio_accuracy']:.1%}). ")
+            f"{mixed['qa_test_accuracy']:.1%} of the questions about held-out people ({_parts(mixed)}; "
+            f"in-distribution {mixed['qa_train_accuracy']:.1%}, BIO recall {mixed['bio_accuracy']:.1%}). ")
     if fair is None:
         text += (f"No two-stage run kept BIO recall >= {FAIREST_MIN_BIO} and in-distribution QA >= "
                  f"{FAIREST_MIN_IN_DIST}, so there is no fair two-stage comparison in this sweep. ")
@@ -84,8 +141,8 @@ def findings(summary: dict, setting: dict) -> str:
         gap = mixed["qa_test_accuracy"] - fair["qa_test_accuracy"]
         text += (f"The fairest two-stage model (stage 2 {stage2_setting(fair)}, BIO recall "
                  f"{fair['bio_accuracy']:.1%}, in-distribution {fair['qa_train_accuracy']:.1%}) answers "
-                 f"{fair['qa_test_accuracy']:.1%}: {abs(gap) * 100:.1f} points {'below' if gap >= 0 else 'above'} "
-                 "mixed. ")
+                 f"{fair['qa_test_accuracy']:.1%} ({_parts(fair)}): {abs(gap) * 100:.1f} points "
+                 f"{'below' if gap >= 0 else 'above'} mixed. ")
     for wd, entries in _by_weight_decay(sweep).items():
         if len(entries) > 1:
             def series(key, fmt):
@@ -192,6 +249,10 @@ def write(workdir: str, summary: dict, curves: dict[str, list[dict]], *, setting
         "# Two-stage vs mixed training: fact recall",
         results_table(summary),
         "Held-out QA accuracy per attribute:\n\n" + per_attribute_table(summary),
+        "The employer's city hop by hop, per held-out person (name -> employer -> city; the city is completed from the "
+        "biography when BIO recall, given the biography up to it, gets it right in each of the person's biographies):"
+        "\n\n" + composition_table(summary),
+        composition_findings(summary),
         findings(summary, setting),
         *(f"![{name}](figures/{name})" for name in names),
         *([examples] if examples else []),
@@ -271,11 +332,11 @@ def shared_table(trace_summary: dict, rule: str = "intersection", scope: str = "
 
 
 def interventions_table(rows: list[dict]) -> str:
-    lines = ["| model | intervention | scope | mask | parameters | held-out QA | in-dist QA | BIO recall |",
-             "|---" * 8 + "|"]
+    lines = [f"| model | intervention | scope | mask | parameters | {HELD_OUT_HEADER} | in-dist QA | BIO recall |",
+             "|---" * 10 + "|"]
     lines += [f"| {r['model'].replace('_', '-')} | {r['intervention'].replace('_', '-')} | {r['scope']} | "
-              f"{r['mask']} | {r['count']} | "
-              f"{r['qa_test_accuracy']:.3f} | {r['qa_train_accuracy']:.3f} | {r['bio_accuracy']:.3f} |" for r in rows]
+              f"{r['mask']} | {r['count']} | {_held_out(r)} | {r['qa_train_accuracy']:.3f} | {r['bio_accuracy']:.3f} |"
+              for r in rows]
     return "\n".join(lines)
 
 

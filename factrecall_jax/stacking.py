@@ -13,6 +13,8 @@ from flax import nnx
 
 from factrecall_jax import errors
 
+__all__ = ["LAYER_AXIS", "axis_names", "is_stacked", "num_layers", "stacked_leaves"]
+
 LAYER_AXIS = "layers"
 
 

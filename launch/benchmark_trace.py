@@ -22,7 +22,10 @@ weighted), shared by every variant:
 Sizes: "default" is the config's model (its vocabulary, or 2,048 where the config leaves it to the tokenizer, as
 configs/default.py does: the word tokenizer's is about 2k); "30m" is 6 Llama layers of width 512 and a 12,288-token
 vocabulary, "100m" 12 of width 768 and 16,384, "1b" 16 of width 2048 and 32,000. `--config=configs/llama32_1b.py
---sizes=default` benchmarks that checkpoint's architecture with random weights (nothing is downloaded).
+--sizes=default` benchmarks that checkpoint's architecture with random weights (nothing is downloaded). "user10m" is
+a researcher's own NNX transformer (`UserTransformer`: nnx.Embed, nnx.LayerNorm, nnx.Linear attention and MLP in an
+nnx.List, 10.5M parameters), which the trace knows only through Flax's module types; its train step is its own jitted
+AdamW step on the same rows, and it has no torch peers.
 
 Time is the median of `repeats` runs after one compile/warm-up run. JAX peak memory is XLA's account of the compiled
 program (arguments + outputs + temporaries - aliased buffers): exact, and known before running. The reference path
@@ -49,14 +52,16 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
 from factrecall_jax import cli, errors, experiment, models, trace, train
+from factrecall_jax.trace import engine
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config whose model is the size 'default'.")
-_SIZES = flags.DEFINE_list("sizes", ["default", "30m", "100m"], "Model sizes: default, 30m, 100m, 1b.")
+_SIZES = flags.DEFINE_list("sizes", ["default", "30m", "100m"], "Model sizes: default, 30m, 100m, 1b, user10m.")
 _PAIRS = flags.DEFINE_integer("pairs", 64, "BIO/QA pairs (the train step sees 2 x pairs rows).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "Tokens per row.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 16, "Pairs per chunk in the lean, pair-statistics and torch paths.")
@@ -78,7 +83,57 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the figures here a
 SIZES = {"30m": dict(num_hidden_layers=6, hidden_size=512, vocab_size=12288),
          "100m": dict(num_hidden_layers=12, hidden_size=768, vocab_size=16384),
          "1b": dict(num_hidden_layers=16, hidden_size=2048, vocab_size=32000)}
+USER_SIZE = "user10m"
 MB = 2**20
+
+
+class UserTransformer(nnx.Module):
+    """A transformer as a researcher writes it with Flax NNX (no stacking, no scan, no axis names): pre-LayerNorm
+    blocks of causal attention and a GELU MLP, all nnx.Linear, in an nnx.List; an nnx.Embed and an nnx.Linear head."""
+
+    def __init__(self, vocab: int = 8192, width: int = 256, depth: int = 8, heads: int = 4, *, rngs: nnx.Rngs):
+        self.heads = heads
+        self.embed = nnx.Embed(vocab, width, rngs=rngs)
+        self.blocks = nnx.List([nnx.Dict(
+            norm1=nnx.LayerNorm(width, rngs=rngs), q=nnx.Linear(width, width, rngs=rngs),
+            k=nnx.Linear(width, width, rngs=rngs), v=nnx.Linear(width, width, rngs=rngs),
+            o=nnx.Linear(width, width, rngs=rngs), norm2=nnx.LayerNorm(width, rngs=rngs),
+            up=nnx.Linear(width, 4 * width, rngs=rngs), down=nnx.Linear(4 * width, width, rngs=rngs))
+            for _ in range(depth)])
+        self.norm = nnx.LayerNorm(width, rngs=rngs)
+        self.head = nnx.Linear(width, vocab, rngs=rngs)
+
+    def __call__(self, ids_BT):
+        x = self.embed(ids_BT)
+        b, t, d = x.shape
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        for blk in self.blocks:
+            h = blk["norm1"](x)
+            q, k, v = (blk[n](h).reshape(b, t, self.heads, d // self.heads) for n in "qkv")
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // self.heads)
+            attn = jax.nn.softmax(jnp.where(causal, scores, -1e9), axis=-1)
+            x = x + blk["o"](jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, t, d))
+            x = x + blk["down"](jax.nn.gelu(blk["up"](blk["norm2"](x))))
+        return self.head(self.norm(x))
+
+
+def user_loss(model, example):
+    """The per-example loss a user writes for one row: trace.example_loss of its logits."""
+    return trace.example_loss(model(example["inputs"][None])[0], example)
+
+
+def _user_train_step(graphdef, rest):
+    """The user's own jitted AdamW step on a batch of rows: (params, opt_state, rows) -> (params, opt_state, loss)."""
+    tx = optax.adamw(1e-3)
+
+    def step(params, opt_state, rows):
+        def loss(p):
+            return jnp.mean(jax.vmap(user_loss, in_axes=(None, 0))(nnx.merge(graphdef, p, rest), rows))
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return tx, step
 
 
 def _model_config(size: str) -> dict:
@@ -86,7 +141,8 @@ def _model_config(size: str) -> dict:
     base.setdefault("vocab_size", 2048)
     if size != "default":
         if size not in SIZES:
-            raise errors.InvalidValue(f"--sizes: unknown size {size!r}; expected default, {', '.join(SIZES)}")
+            raise errors.InvalidValue(f"--sizes: unknown size {size!r}; expected default, {', '.join(SIZES)}, "
+                                      f"{USER_SIZE}")
         width = SIZES[size]["hidden_size"]
         base = {**_CONFIG.value.model.to_dict(), "model_type": "llama", **SIZES[size],
                 "intermediate_size": int(width * 8 / 3) // 8 * 8, "num_attention_heads": width // 64,
@@ -150,8 +206,8 @@ class _RssPeak:
 
 # The lean trace's parts, by the name scopes of its ops (the first that matches); everything else is what lies
 # between them (batch gathers, the sums' updates), and in the train step the whole step.
-PARTS = ((trace.CONTRACT_SCOPE, "per-example gradients and sums"), (trace.DOTS_SCOPE, "per-pair dots"),
-         (trace.TAPS_SCOPE, "forward and backward"))
+PARTS = ((engine.CONTRACT_SCOPE, "per-example gradients, their sums and dots"), (engine.DOTS_SCOPE, "Gram dots"),
+         (engine.TAPS_SCOPE, "forward and backward"))
 REST = "everything else"
 
 
@@ -339,37 +395,51 @@ def _parity(name, pair_dot, lean) -> float:
 
 
 def _bench(size: str, memory_limit: float) -> dict:
-    model = models.from_config(_model_config(size), dtype=experiment.DTYPES[_DTYPE.value])
-    config = model.config
-    graphdef, params = nnx.split(model, nnx.Param)
-    num_params = sum(x.size for x in jax.tree.leaves(params))
     rng = np.random.default_rng(0)
-    bio, qa = _rows(rng, config.vocab_size), _rows(rng, config.vocab_size)
-    print(f"\n== {size}: {num_params / 1e6:.2f}M parameters ({num_params:,}; {config.model_type}, "
-          f"{config.num_hidden_layers} layers, width {config.hidden_size}, MLP {config.intermediate_size}, "
-          f"{config.num_attention_heads} heads, vocab {config.vocab_size}, {_DTYPE.value}); {_PAIRS.value} pairs of "
-          f"{_SEQ_LEN.value} tokens", flush=True)
-    loss = trace.lm_loss(graphdef, params)
-    tx = train.make_optimizer(train.OptimizerConfig(), steps=1000)
-    step = train.make_train_step(graphdef, tx, lambda s: 0.0)
-    results = {"train step": _measure_jax(step, (train.init_state(params, tx), {"bio": bio, "qa": qa}))}
+    if size == USER_SIZE:
+        model, loss = UserTransformer(rngs=nnx.Rngs(0)), user_loss
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        vocab, description = model.head.out_features, (f"{len(model.blocks)} blocks of nnx.Linear in an nnx.List, "
+                                                      f"width {model.head.in_features}, vocab {model.head.out_features}")
+    else:
+        model, loss = models.from_config(_model_config(size), dtype=experiment.DTYPES[_DTYPE.value]), trace.lm_loss
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        config = model.config
+        vocab, description = config.vocab_size, (
+            f"{config.model_type}, {config.num_hidden_layers} layers, width {config.hidden_size}, MLP "
+            f"{config.intermediate_size}, {config.num_attention_heads} heads, vocab {config.vocab_size}")
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    bio, qa = _rows(rng, vocab), _rows(rng, vocab)
+    print(f"\n== {size}: {num_params / 1e6:.2f}M parameters ({num_params:,}; {description}, {_DTYPE.value}); "
+          f"{_PAIRS.value} pairs of {_SEQ_LEN.value} tokens", flush=True)
+    if size == USER_SIZE:
+        tx, step = _user_train_step(graphdef, rest)
+        rows = jax.tree.map(lambda a, b: np.concatenate([a, b]), bio, qa)
+        results = {"train step": _measure_jax(step, (params, tx.init(params), rows))}
+    else:
+        tx = train.make_optimizer(train.OptimizerConfig(), steps=1000)
+        step = train.make_train_step(graphdef, tx, lambda s: 0.0)
+        results = {"train step": _measure_jax(step, (train.init_state(params, tx), {"bio": bio, "qa": qa}))}
     print(f"  train step {results['train step']['seconds']:.3f} s", flush=True)
-    results["lean"] = _measure_jax(
-        lambda p, b, q: trace.cross_task_trace(loss, p, b, q, chunk_size=_CHUNK.value), (params, bio, qa))
+    lean_fn = trace.jit_trace(loss, graphdef, chunk_size=_CHUNK.value)
+    results["lean"] = _measure_jax(lambda p, b, q: lean_fn(p, rest, b, q), (params, bio, qa))
     print(f"  lean {results['lean']['seconds']:.3f} s", flush=True)
     lean = results["lean"]["output"]
-    results["pair stats"] = _measure_jax(
-        lambda p, b, q: trace.pair_statistics(loss, p, b, q, chunk_size=_CHUNK.value), (params, bio, qa))
+    stats_fn = trace.jit_pair_statistics(loss, graphdef, chunk_size=_CHUNK.value)
+    results["pair stats"] = _measure_jax(lambda p, b, q: stats_fn(p, rest, b, q), (params, bio, qa))
     print(f"  pair stats {results['pair stats']['seconds']:.3f} s", flush=True)
     parity = {"pair stats": _parity("pair stats", np.asarray(results["pair stats"]["output"].pair_dot), lean)}
-    ref_fn = lambda p, b, q: trace.cross_task_trace(loss, p, b, q, method="reference")  # noqa: E731
+    ref = trace.jit_trace(loss, graphdef, method="reference", chunk_size=_PAIRS.value)
+    ref_fn = lambda p, b, q: ref(p, rest, b, q)  # noqa: E731
     ref_peak = _peak_bytes(jax.jit(ref_fn).lower(params, bio, qa).compile())
     run_ref = not _SKIP_REFERENCE.value and ref_peak <= memory_limit
     results["reference"] = _measure_jax(ref_fn, (params, bio, qa), run=run_ref)
     ref_s = results["reference"]["seconds"]
     print(f"  reference {'not run' if ref_s is None else f'{ref_s:.3f} s'} (peak {ref_peak / 2**30:.2f} GiB)",
           flush=True)
-    peers = {} if _NO_TORCH.value else _torch_peers(model, bio, qa)
+    if ref_s is not None:
+        parity["reference"] = _parity("reference", np.asarray(results["reference"]["output"].pair_dot), lean)
+    peers = {} if _NO_TORCH.value or size == USER_SIZE else _torch_peers(model, bio, qa)
     for name, r in peers.items():
         print(f"  {name} {r['seconds']:.3f} s", flush=True)
         parity[name] = _parity(name, r["pair_dot"], lean)
@@ -377,8 +447,8 @@ def _bench(size: str, memory_limit: float) -> dict:
     sweep = {}
     if size == "30m":
         for c in sorted({int(c) for c in _SWEEP.value}):
-            r = _measure_jax(lambda p, b, q, c=c: trace.cross_task_trace(loss, p, b, q, chunk_size=c),
-                             (params, bio, qa), repeats=1)
+            fn = trace.jit_trace(loss, graphdef, chunk_size=c)
+            r = _measure_jax(lambda p, b, q, fn=fn: fn(p, rest, b, q), (params, bio, qa), repeats=1)
             sweep[c] = {"seconds": r["seconds"], "peak_mb": r["peak_bytes"] / MB}
             print(f"  lean, chunks of {c}: {r['seconds']:.3f} s, peak {r['peak_bytes'] / MB:.0f} MB", flush=True)
 
@@ -439,7 +509,8 @@ def main(_):
         if flag.value is not None and flag.value < 1:
             raise errors.InvalidValue(f"--{flag.name}={flag.value} is invalid: expected a positive integer")
     for size in _SIZES.value:
-        _model_config(size)  # an unknown size fails before anything runs
+        if size != USER_SIZE:
+            _model_config(size)  # an unknown size fails before anything runs
     memory_limit = _MEMORY_LIMIT.value * 2**30 if _MEMORY_LIMIT.value is not None else 0.8 * _device_memory()
     print(f"devices: {jax.devices()}; {os.cpu_count()} CPU cores; reference runs if its peak <= "
           f"{memory_limit / 2**30:.1f} GiB")

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import config_file
 from factrecall_jax import configuration, data, errors, experiment, train
+from factrecall_jax.data import schedules
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -29,6 +30,23 @@ def test_config_builds_its_parts(path):
     if name in REAL_MODELS:  # fine-tuning a pretrained checkpoint with its own tokenizer, bfloat16 compute
         assert (config.init_from, config.tokenizer, config.dtype) == (REAL_MODELS[name], REAL_MODELS[name], "bfloat16")
         assert max(config.reproduce.stage2_learning_rates) <= config.optimizer.learning_rate
+
+
+def test_schedule_gives_every_phase_the_people_levers():
+    levers = {"people.start_fraction": 0.25, "people.widen_fraction": 0.4, "people.power": 0.7}
+    config = experiment.override(config_file("default.py", "tiny"), **levers)
+    for schedule in experiment.SCHEDULES:
+        phases = experiment.schedule(experiment.override(config, schedule=schedule))
+        assert [p.people for p in phases] == [schedules.PeopleSampling(0.25, 0.4, 0.7)] * len(phases), schedule
+    assert not any(p.people.is_on for p in experiment.schedule(config_file("default.py")))  # off by default
+
+
+def test_schedule_of_a_config_json_without_people_reads_epochs():
+    """Runs written before the levers existed: their config.json has no people section, and they read epochs."""
+    config = config_file("default.py", "tiny")
+    with config.unlocked():
+        del config["people"]
+    assert all(p.people == schedules.PeopleSampling() for p in experiment.schedule(config))
 
 
 def test_every_real_model_has_a_config():
@@ -54,6 +72,12 @@ BAD_SETTINGS = [
     ({"optimizer.learning_rate": 0.0}, "optimizer.learning_rate=0.0 is invalid: expected a positive"),
     ({"tokenizer": "{tmp}/no_tokenizer"}, "tokenizer='{tmp}/no_tokenizer' is not a folder: expected"),
     ({"dtype": "float16"}, "dtype='float16' is invalid: expected one of float32, bfloat16"),
+    ({"people.start_fraction": 0.0}, "people.start_fraction=0.0 is invalid: expected a fraction in (0, 1]"),
+    ({"people.start_fraction": 1.5}, "people.start_fraction=1.5 is invalid: expected a fraction in (0, 1]"),
+    ({"people.widen_fraction": -0.1}, "people.widen_fraction=-0.1 is invalid: expected a fraction of each phase's"),
+    ({"people.widen_fraction": 2.0}, "people.widen_fraction=2.0 is invalid: expected a fraction of each phase's"),
+    ({"people.power": -0.6}, "people.power=-0.6 is invalid: expected a number >= 0"),
+    ({"people.exponent": 0.7}, "people.exponent is not a field of schedules.PeopleSampling: expected some of power,"),
     ({"mixed.steps": 0, "dtype": "float16"},
      "2 problems in the config: mixed.steps=0 is invalid: expected a positive integer; dtype='float16' is invalid"),
 ]

@@ -1,4 +1,5 @@
-"""Fact recall against a brute-force per-row loop, and teacher-forced exact match against greedy generation."""
+"""Fact recall against a brute-force per-row loop, held-out QA's parts and the composition diagnostic against direct
+computations, and teacher-forced exact match against greedy generation."""
 import functools
 
 import datasets
@@ -9,7 +10,8 @@ from flax import nnx
 
 from factrecall_jax import data, models, train
 from factrecall_jax.data import schedules
-from factrecall_jax.evaluate import Evaluator, generate
+from factrecall_jax.data.population import COMPOSED, ONE_HOP
+from factrecall_jax.evaluate import COMPOSED_KEY, ONE_HOP_KEY, Evaluator, composition, generate
 
 ATTRIBUTES = data.ATTRIBUTES
 EVAL_BATCH = 7  # no split of the dataset (40 bios, 120 + 120 QA pairs) is a multiple of it
@@ -120,12 +122,19 @@ def test_accuracies_match_brute_force(request, tokenized, brute_force, evaluator
     tables, _ = tokenized
     reference = reference_of(brute_force, request, params)
     result = evaluator(params)
-    assert set(result) == {f"{s}_accuracy" for s in tables} | {"per_attribute"}
+    assert set(result) == {f"{s}_accuracy" for s in tables} | {ONE_HOP_KEY, COMPOSED_KEY, "per_attribute",
+                                                                "composition"}
     for split in tables:
         present, recalled, _ = reference[split]
         assert result[f"{split}_accuracy"] == pytest.approx(recalled.sum() / present.sum(), abs=1e-12), split
         per_attribute = {a: recalled[:, i].sum() / present[:, i].sum() for i, a in enumerate(ATTRIBUTES)}
         assert result["per_attribute"][split] == pytest.approx(per_attribute, abs=1e-12), split
+    held_out = result["per_attribute"]["qa_test"]
+    assert result[ONE_HOP_KEY] == pytest.approx(np.mean([held_out[a] for a in ATTRIBUTES[:5]]), abs=1e-12)
+    assert result[COMPOSED_KEY] == held_out["employer_city"]
+    (_, bio, _), (present, recalled, _) = reference["bio"], reference["qa_test"]
+    expected = direct_composition(tables["bio"].person_ids, bio, tables["qa_test"].person_ids, present, recalled)
+    assert flat(result["composition"]) == pytest.approx(flat(expected), abs=1e-12)
     if request.node.callspec.params["params"] == "trained":  # a trained model makes the comparison meaningful
         assert 0.2 < result["qa_train_accuracy"] < 0.9 and 0.2 < result["bio_accuracy"] < 0.9
 
@@ -136,7 +145,84 @@ def test_evaluator_skips_empty_splits(tokenized, model_parts, trained_params):
                                  np.zeros(0, np.int32), tokenizer.pad_token_id, np.zeros(0, np.int64))
     result = Evaluator({"qa_test": tables["qa_test"], "nobody": empty}, model_parts[0], batch_size=EVAL_BATCH)(
         trained_params)
-    assert set(result) == {"qa_test_accuracy", "per_attribute"} and set(result["per_attribute"]) == {"qa_test"}
+    # no composition without the biographies
+    assert set(result) == {"qa_test_accuracy", ONE_HOP_KEY, COMPOSED_KEY, "per_attribute"}
+    assert set(result["per_attribute"]) == {"qa_test"}
+
+
+# ---------------------------------------------------------------- held-out QA in two parts: one hop and composed
+
+
+def test_attribute_groups_split_the_attributes():
+    assert (*ONE_HOP, COMPOSED) == ATTRIBUTES and (ONE_HOP_KEY, COMPOSED_KEY) == (
+        "qa_test_one_hop_accuracy", "qa_test_employer_city_accuracy")
+
+
+def direct_composition(bio_people, bio_recalled, qa_people, qa_present, qa_recalled):
+    """evaluate.composition person by person: a value is known when every row of the person that holds it recalls it
+    (every biography holds every value)."""
+    employer, city = ATTRIBUTES.index("employer"), ATTRIBUTES.index("employer_city")
+    answered, both = [], []
+    employer_answered = city_completed = 0
+    for person in sorted(set(qa_people.tolist())):
+        rows = qa_people == person
+        knows_employer = bool(np.all(qa_recalled[rows & qa_present[:, employer], employer]))
+        completes_city = bool(np.all(bio_recalled[bio_people == person, city]))
+        answered.append(bool(np.all(qa_recalled[rows & qa_present[:, city], city])))
+        both.append(knows_employer and completes_city)
+        employer_answered += knows_employer
+        city_completed += completes_city
+    answered, both, n = np.array(answered), np.array(both), len(answered)
+    return {"people": n, "employer_answered": employer_answered / n, "city_completed": city_completed / n,
+            "city_answered": answered.mean(),
+            "both_known": {"people": both.sum(), "city_answered": answered[both].mean() if both.any() else None},
+            "others": {"people": (~both).sum(), "city_answered": answered[~both].mean() if (~both).any() else None}}
+
+
+def flat(composition_result):
+    """{"both_known.people": ..., ...}: pytest.approx compares no nested dicts."""
+    return {f"{k}.{i}" if isinstance(v, dict) else k: w for k, v in composition_result.items()
+            for i, w in (v.items() if isinstance(v, dict) else [(None, v)])}
+
+
+def test_composition_by_hand():
+    """Person 3 has two biographies and only one completes the city: not known. Person 5 has no held-out QA."""
+    employer, city = np.eye(len(ATTRIBUTES), dtype=bool)[[ATTRIBUTES.index("employer"), ATTRIBUTES.index(COMPOSED)]]
+    bio_people = np.array([3, 3, 5, 7, 9])
+    bio_recalled = np.ones((5, len(ATTRIBUTES)), bool)
+    bio_recalled[1, ATTRIBUTES.index(COMPOSED)] = False
+    qa_people = np.array([3, 3, 7, 7, 9, 9])  # an employer question, then a city question per person
+    qa_present = np.array([employer, city] * 3)
+    qa_recalled = qa_present & np.array([1, 0, 1, 0, 0, 1], bool)[:, None]  # employer of 9 wrong, city of 9 right
+    result = composition(bio_people, np.ones_like(bio_recalled), bio_recalled, qa_people, qa_present, qa_recalled)
+    assert flat(result) == pytest.approx(flat({
+        "people": 3, "employer_answered": 2 / 3, "city_completed": 2 / 3, "city_answered": 1 / 3,
+        "both_known": {"people": 1, "city_answered": 0.0}, "others": {"people": 2, "city_answered": 0.5}}))
+    assert flat(result) == pytest.approx(flat(direct_composition(bio_people, bio_recalled, qa_people, qa_present,
+                                                                 qa_recalled)))
+    only_7 = composition(bio_people, np.ones_like(bio_recalled), bio_recalled, qa_people[2:4], qa_present[2:4],
+                         qa_recalled[2:4])
+    assert only_7["others"] == {"people": 0, "city_answered": None}  # a share of nobody
+
+
+def test_evaluator_joins_recall_by_person(tokenized, evaluator, trained_params, monkeypatch):
+    """The Evaluator's one-hop mean and composition from its own recall outputs, with random hits (a tiny model
+    knows too few held-out employers to exercise the counts), against direct computations."""
+    tables, _ = tokenized
+    rng = np.random.default_rng(0)
+    recall = {}
+    for split in tables:
+        present, _ = evaluator.recall(trained_params, split)
+        recall[split] = present, present & (rng.random(present.shape) < 0.7)
+    monkeypatch.setattr(evaluator, "recall", lambda _, split: recall[split])
+    result = evaluator(trained_params)
+    present, recalled = recall["qa_test"]
+    one_hop = [recalled[:, ATTRIBUTES.index(a)].sum() / present[:, ATTRIBUTES.index(a)].sum() for a in ONE_HOP]
+    assert result[ONE_HOP_KEY] == pytest.approx(np.mean(one_hop), abs=1e-12)
+    expected = direct_composition(tables["bio"].person_ids, recall["bio"][1], tables["qa_test"].person_ids, present,
+                                  recalled)
+    assert flat(result["composition"]) == pytest.approx(flat(expected), abs=1e-12)
+    assert expected["people"] == 20 and 0 < expected["both_known"]["people"] < 20  # both groups are exercised
 
 
 # ---------------------------------------------------------------- greedy generation

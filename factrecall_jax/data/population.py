@@ -15,6 +15,12 @@ from factrecall_jax import errors
 POOL_DIR = pathlib.Path(__file__).parent / "pools"
 # The six facts of a person, in the fixed order of a biography's sentences (unless permuted).
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer", "employer_city")
+# Held-out QA fails in two different ways, so it is reported in two parts. A one-hop fact is stated right after the
+# person is named (or He/She), so a question can reach it from the name alone. The employer's city is a property of
+# the employer (a biography predicts it from the employer token): a held-out question about it needs name -> employer
+# -> city, a composition of two facts.
+ONE_HOP = ("birth_date", "birth_city", "university", "major", "employer")
+COMPOSED, COMPOSED_VIA = "employer_city", "employer"  # the composed fact, and the fact it goes through
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
 DAYS = 28  # every month has day 1-28, so month, day and year are drawn independently

@@ -6,11 +6,16 @@ what the unforked one would. Within a phase each task walks through its split in
 a batch that runs past the end of an epoch continues into the next, so every batch is full, even when a split has
 fewer rows than the batch.
 
+With a people lever on (`PeopleSampling`, Zucchet et al. 2025's data-order levers: a curriculum that widens from a
+subset of the people to all, and people drawn by a power law), a step instead draws its rows i.i.d. with replacement
+from the rows of the people it admits, by their people's weights: still a pure function of (seed, phase, step).
+
 A batch maps each task ("bio", "qa") to {"inputs", "targets", "weights"} [B, T]: targets are the inputs shifted by
 one, weights the loss mask of the targets, T the longest row of the batch minus one (right padding, which causal
 attention never sees from real tokens).
 """
 import dataclasses
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -22,10 +27,42 @@ from factrecall_jax import errors
 # The split each task trains on.
 TASK_SPLITS = {"bio": "bio", "qa": "qa_train"}
 _DROPOUT_STREAM = len(TASK_SPLITS)  # the rng stream after the tasks' permutation streams
+# The people levers' rng stream: the 3rd key of the people orders (seed, 0, stream, order), the 5th of a step's draws
+# (seed, phase, task, step, stream); numpy pads shorter keys with zeros, so no other stream's key can equal them.
+_PEOPLE_STREAM = _DROPOUT_STREAM + 1
+# The two seeded orders of the people, one per lever, independent so that each lever keeps its own meaning.
+PEOPLE_ORDERS = ("admission", "popularity")
 
 
 def _is_count(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PeopleSampling:
+    """Which people a phase's steps read (Zucchet et al. 2025's data-order levers); the defaults turn both off.
+
+    start_fraction: the share of the people a phase's first step reads (1.0: all, no curriculum); people are
+      admitted in a seeded order ("admission"), the same for every phase and both schedules.
+    widen_fraction: the share of the phase's steps over which the admitted share grows linearly from start_fraction
+      to all people (0: all from the phase's second step on).
+    power: each row is drawn with its person's weight (rank + 1) ** -power, rank in a second seeded order
+      ("popularity"); 0 is uniform.
+    """
+    start_fraction: float = 1.0
+    widen_fraction: float = 0.5
+    power: float = 0.0
+
+    @property
+    def is_on(self) -> bool:
+        """Whether steps draw their rows by people; otherwise they walk the epochs of `row_indices`."""
+        return self.start_fraction < 1 or self.power > 0
+
+    def admitted(self, num_people: int, phase_steps: int, step: int) -> int:
+        """How many people, the first of the admission order, step `step` of a phase of `phase_steps` steps reads."""
+        progress = min(1.0, step / max(1.0, self.widen_fraction * phase_steps))
+        share = self.start_fraction + (1 - self.start_fraction) * progress
+        return min(num_people, math.ceil(share * num_people))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +71,14 @@ class Phase:
 
     fresh_optimizer: start this phase with a new optimizer state (moments and schedule count reset); otherwise the
       previous phase's moments carry over and only the learning rate and weight decay change.
+    people: which people the steps read (`PeopleSampling`; default: every row once per epoch).
     """
     name: str
     steps: int
     batch_sizes: Mapping[str, int]
     optimizer: Any
     fresh_optimizer: bool = True
+    people: PeopleSampling = PeopleSampling()
 
     def __post_init__(self):
         if not _is_count(self.steps):
@@ -54,9 +93,10 @@ class Phase:
                                           "expected a positive integer")
 
 
-def mixed(steps: int, bio_batch: int, qa_batch: int, optimizer) -> tuple[Phase, ...]:
-    """Every batch holds `bio_batch` biographies and `qa_batch` training QA pairs."""
-    return (Phase("mixed", steps, {"bio": bio_batch, "qa": qa_batch}, optimizer),)
+def mixed(steps: int, bio_batch: int, qa_batch: int, optimizer,
+          people: PeopleSampling = PeopleSampling()) -> tuple[Phase, ...]:
+    """Every batch holds `bio_batch` biographies and `qa_batch` training QA pairs, of `people`."""
+    return (Phase("mixed", steps, {"bio": bio_batch, "qa": qa_batch}, optimizer, people=people),)
 
 
 def qa_rows_for_token_share(tables: Mapping[str, "TokenTable"], bio_rows: int, qa_token_share: float,
@@ -79,10 +119,14 @@ def token_shares(phase: Phase, tables: Mapping[str, "TokenTable"]) -> dict[str, 
 
 
 def two_stage(stage1_steps: int, bio_batch: int, stage2_steps: int, qa_batch: int, optimizer, stage2_optimizer,
-              fresh_optimizer: bool = True) -> tuple[Phase, ...]:
-    """Biographies only, then training QA pairs only, with stage 2's own optimizer settings."""
-    return (Phase("bio", stage1_steps, {"bio": bio_batch}, optimizer),
-            Phase("qa", stage2_steps, {"qa": qa_batch}, stage2_optimizer, fresh_optimizer))
+              fresh_optimizer: bool = True, people: PeopleSampling = PeopleSampling()) -> tuple[Phase, ...]:
+    """Biographies only, then training QA pairs only, with stage 2's own optimizer settings.
+
+    `people` applies to both stages, as `mixed` applies it to its one phase, so that both regimes read the same
+    distribution of people (each stage widens its curriculum over its own steps).
+    """
+    return (Phase("bio", stage1_steps, {"bio": bio_batch}, optimizer, people=people),
+            Phase("qa", stage2_steps, {"qa": qa_batch}, stage2_optimizer, fresh_optimizer, people))
 
 
 def phase_starts(phases) -> list[int]:
@@ -147,6 +191,36 @@ def row_indices(num_rows: int, batch_size: int, seed: int, phase: int, task: int
     return rows
 
 
+def people_ranks(people: np.ndarray, seed: int, order: str) -> np.ndarray:
+    """Each of `people` (sorted ids) its place, 0 first, in the seeded `order` (one of PEOPLE_ORDERS): a function of
+    the seed alone, so every phase of both schedules ranks the people alike."""
+    stream = np.random.default_rng((seed, 0, _PEOPLE_STREAM, PEOPLE_ORDERS.index(order)))
+    ranks = np.empty(len(people), np.int64)
+    ranks[stream.permutation(len(people))] = np.arange(len(people))
+    return ranks
+
+
+def people_rows(phases, index: int, task: str, step: int, tables: Mapping[str, TokenTable], seed: int) -> np.ndarray:
+    """The rows phase `index`'s `step` reads for `task` when its people lever is on: drawn i.i.d. with replacement
+    from the rows of the people admitted at that step, each with its person's weight (normalized within the split).
+
+    The people are those of every task's split, so that a phase of either schedule ranks the same people.
+    """
+    phase = phases[index]
+    person_ids = tables[TASK_SPLITS[task]].person_ids
+    if len(person_ids) == 0:
+        raise ValueError("cannot draw a batch from an empty split")
+    people = np.unique(np.concatenate([tables[split].person_ids for split in TASK_SPLITS.values()]))
+    positions = np.searchsorted(people, person_ids)
+    admission = people_ranks(people, seed, "admission")[positions]
+    weights = (people_ranks(people, seed, "popularity")[positions] + 1.0) ** -phase.people.power
+    # a split that holds none of the admitted people yet (qa_train holds half the people) reads its first in order
+    cutoff = max(phase.people.admitted(len(people), phase.steps, step), admission.min() + 1)
+    weights = np.where(admission < cutoff, weights, 0.0)
+    draws = np.random.default_rng((seed, index, list(TASK_SPLITS).index(task), step, _PEOPLE_STREAM))
+    return draws.choice(len(person_ids), phase.batch_sizes[task], p=weights / weights.sum())
+
+
 def value_dropout(value_ids: np.ndarray, rate: float, seed: int, phase: int, step: int) -> np.ndarray:
     """Which input positions of a BIO batch to replace by the pad token: each value token with probability `rate`."""
     draws = np.random.default_rng((seed, phase, _DROPOUT_STREAM, step)).random(value_ids.shape)
@@ -164,7 +238,10 @@ def phase_batches(phases, index: int, start: int, stop: int, tables: Mapping[str
     for task, size in sorted(phase.batch_sizes.items()):
         table = tables[TASK_SPLITS[task]]
         task_id = list(TASK_SPLITS).index(task)
-        rows = [row_indices(len(table), size, seed, index, task_id, step) for step in range(start, stop)]
+        if phase.people.is_on:
+            rows = [people_rows(phases, index, task, step, tables, seed) for step in range(start, stop)]
+        else:
+            rows = [row_indices(len(table), size, seed, index, task_id, step) for step in range(start, stop)]
         length = int(max(table.lengths[r].max() for r in rows)) - 1
         batches = []
         for step, r in zip(range(start, stop), rows):

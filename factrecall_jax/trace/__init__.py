@@ -13,11 +13,11 @@ example's loss with respect to every parameter:
     stats = trace.pair_statistics(loss, model, bio_batch, qa_batch)     # the per-pair fields alone
     trace.register(MyModule, trace.Rule(...))                           # factor a module type of your own
 """
-from factrecall_jax.trace.engine import METHODS, cross_task_trace, jit_trace, pair_statistics
+from factrecall_jax.trace.engine import METHODS, cross_task_trace, jit_pair_statistics, jit_trace, pair_statistics
 from factrecall_jax.trace.lm import example_loss, lm_loss
 from factrecall_jax.trace.results import PairStatistics, TraceResult, combine, load, save
 from factrecall_jax.trace.rules import DIRECT, OneHot, Rule, Term, register, rule_for
 
 __all__ = ["DIRECT", "METHODS", "OneHot", "PairStatistics", "Rule", "Term", "TraceResult", "combine",
-           "cross_task_trace", "example_loss", "jit_trace", "lm_loss", "load", "pair_statistics", "register",
-           "rule_for", "save"]
+           "cross_task_trace", "example_loss", "jit_pair_statistics", "jit_trace", "lm_loss", "load", "pair_statistics",
+           "register", "rule_for", "save"]

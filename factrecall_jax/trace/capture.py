@@ -222,8 +222,8 @@ def per_example_terms(loss: Callable, graphdef, plan: Plan, params, rest, batch_
     probe_axes = input_axes = probes = None
     if plan.taps:
         probe_axes = _axes(plan.probes, depth)
-        probes = jax.tree.map(lambda s, a: sharding.constrain_rows(jnp.zeros((*s.shape[:a], size, *s.shape[a:]),
-                                                                             s.dtype), axis=a), plan.probes, probe_axes)
+        probes = jax.tree.map(lambda s, a: jnp.zeros((*s.shape[:a], size, *s.shape[a:]), s.dtype), plan.probes,
+                              probe_axes)
         input_axes = nnx.from_flat_state([((*t.path, _keys(t.method)[0]), _Input((t.depth,))) for t in plan.taps])
     grad = jax.grad(one, argnums=(0, 1), has_aux=True)
     (direct_grads, dy), x = jax.vmap(grad, in_axes=(None, probe_axes, 0, 0), out_axes=((0, probe_axes), input_axes),

@@ -10,7 +10,7 @@ import functools
 import math
 import string
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,8 @@ from factrecall_jax.trace.results import PairStatistics, TraceResult, path_name
 from factrecall_jax.trace.rules import OneHot, Term
 
 METHODS = ("lean", "reference")
+PyTree = Any  # nested dicts, lists, tuples or an nnx.State of arrays
+Loss = Callable[[Any, PyTree], jax.Array]  # (model or params, one example) -> scalar
 # Name scopes, so that a profile can tell the parts apart (launch.benchmark_trace --profile_dir).
 TAPS_SCOPE = "taps"  # the forward and backward pass that give every call's input and output gradient
 CONTRACT_SCOPE = "contract"  # per-example gradients formed and summed over pairs
@@ -374,7 +376,7 @@ def _jit(per_example_loss, graphdef, sums, method, chunk_size, dtype, mesh, grou
     return jax.jit(sharding.on_mesh(fn, mesh))
 
 
-def jit_trace(per_example_loss: Callable, graphdef: nnx.GraphDef | None, *, method: str = "lean",
+def jit_trace(per_example_loss: Loss, graphdef: nnx.GraphDef | None, *, method: str = "lean",
               chunk_size: int = 16, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
               group: int | None = None) -> Callable:
     """The one jit of `cross_task_trace`: `(params, rest, bio_batch, qa_batch) -> TraceResult`, where
@@ -382,6 +384,12 @@ def jit_trace(per_example_loss: Callable, graphdef: nnx.GraphDef | None, *, meth
     No argument is checked here: `launch.plan` lowers it with abstract arrays. The same arguments give the same
     compiled function."""
     return _jit(per_example_loss, graphdef, True, method, chunk_size, jnp.dtype(dtype), mesh, group)
+
+
+def jit_pair_statistics(per_example_loss: Loss, graphdef: nnx.GraphDef | None, *, chunk_size: int = 16,
+                        dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None) -> Callable:
+    """The one jit of `pair_statistics`: `(params, rest, bio_batch, qa_batch) -> PairStatistics`, as `jit_trace`."""
+    return _jit(per_example_loss, graphdef, False, "lean", chunk_size, jnp.dtype(dtype), mesh, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -478,9 +486,10 @@ def _prepare(model, bio_batch, qa_batch, method, chunk_size, dtype, mesh, group,
     return graphdef, params, rest
 
 
-def cross_task_trace(per_example_loss: Callable, model, bio_batch, qa_batch, *, method: str = "lean",
-                     chunk_size: int = 16, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
-                     group: int | None = None, check_finite: bool = True) -> TraceResult:
+def cross_task_trace(per_example_loss: Loss, model: nnx.Module | PyTree, bio_batch: PyTree, qa_batch: PyTree, *,
+                     method: str = "lean", chunk_size: int = 16, dtype=jnp.float32,
+                     mesh: jax.sharding.Mesh | None = None, group: int | None = None,
+                     check_finite: bool = True) -> TraceResult:
     """The cross-task contraction of paired per-example gradients (TraceResult), jitted.
 
     Args:
@@ -510,8 +519,8 @@ def cross_task_trace(per_example_loss: Callable, model, bio_batch, qa_batch, *, 
                      group=group)(params, rest, bio_batch, qa_batch)
 
 
-def pair_statistics(per_example_loss: Callable, model, bio_batch, qa_batch, *, chunk_size: int = 16,
-                    dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
+def pair_statistics(per_example_loss: Loss, model: nnx.Module | PyTree, bio_batch: PyTree, qa_batch: PyTree, *,
+                    chunk_size: int = 16, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
                     check_finite: bool = True) -> PairStatistics:
     """The per-pair fields of `cross_task_trace` alone (dot products and squared norms of paired gradients, overall
     and per layer: what gradient consistency needs), from Gram products of the captured calls: no per-example
@@ -519,5 +528,5 @@ def pair_statistics(per_example_loss: Callable, model, bio_batch, qa_batch, *, c
     as in `cross_task_trace`."""
     graphdef, params, rest = _prepare(model, bio_batch, qa_batch, "lean", chunk_size, dtype, mesh, None,
                                       check_finite)
-    return _jit(per_example_loss, graphdef, False, "lean", chunk_size, jnp.dtype(dtype), mesh, None)(
+    return jit_pair_statistics(per_example_loss, graphdef, chunk_size=chunk_size, dtype=dtype, mesh=mesh)(
         params, rest, bio_batch, qa_batch)
