@@ -27,6 +27,7 @@ setup(
         "tensorboardX",
     ],
     # torch is pinned: an unpinned torch pulls the newest CUDA build (several GB); 2.13.0 has a CPU wheel. Opacus is
-    # the per-example gradient peer of launch.benchmark_trace, pinned like torch.
-    extras_require={"test": ["pytest", "torch==2.13.0", "opacus==1.6.0"]},
+    # the per-example gradient peer of launch.benchmark_trace, pinned like torch. gguf and accelerate let transformers
+    # read the GGUF file of the real checkpoint in tests/test_real_checkpoint.py (models.convert_gguf), pinned too.
+    extras_require={"test": ["pytest", "torch==2.13.0", "opacus==1.6.0", "gguf==0.19.0", "accelerate==1.16.0"]},
 )

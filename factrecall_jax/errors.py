@@ -20,3 +20,7 @@ class MissingPath(UserError, FileNotFoundError):
 
 class PathExists(UserError, FileExistsError):
     """An output that exists already and is not to be replaced."""
+
+
+class MissingPackage(UserError, ImportError):
+    """An optional package a function needs (e.g. gguf to convert a GGUF file) is not installed."""

