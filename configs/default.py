@@ -126,8 +126,10 @@ def get_config(preset=None):
                                                       stage2_weight_decays=(0.1, 0.01)))
     # The look inside (study.mechanisms): TracInCP over num_checkpoints saved steps of each regime, on the six facts
     # of num_people training people (and as many held-out people for consistency), in chunks of chunk_size pairs;
-    # shared parameters are the top_fraction by both tasks' summed absolute gradients.
-    config.trace = ml_collections.ConfigDict(dict(num_checkpoints=4, num_people=100, top_fraction=0.01, chunk_size=32))
+    # shared parameters are the top_fraction by both tasks' summed absolute gradients. trace/<regime>.safetensors keeps
+    # the shared masks as bits and, with save_sums, the three float32 sums (3x the model: off for real models).
+    config.trace = ml_collections.ConfigDict(dict(num_checkpoints=4, num_people=100, top_fraction=0.01, chunk_size=32,
+                                                  save_sums=True))
     if preset == "tiny":
         config.data.num_people = 40
         config.model.update(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2)

@@ -32,6 +32,8 @@ def get_config():
                                                high_freq_factor=4.0, original_max_position_embeddings=8192),
         rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001))
     config.dtype = "bfloat16"
+    # FSDP over all devices: float32 weights and AdamW moments do not fit whole on every device (launch.plan, README).
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
     # bioS as Allen-Zhu & Li generate it: five templates per attribute, several biographies per person.
     config.data.num_people = 2000
     config.data.bio_templates = 5

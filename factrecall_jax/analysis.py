@@ -23,7 +23,7 @@ from factrecall_jax import errors, stacking
 from factrecall_jax.models.layers import LOGICAL_AXES
 from factrecall_jax.trace import PairStatistics, TraceResult
 
-__all__ = ["RULES", "SCOPES", "concentration", "gradient_consistency", "head_counts", "module_counts", "neuron_counts",
+__all__ = ["RULES", "SCOPES", "check_fraction", "concentration", "gradient_consistency", "head_counts", "module_counts", "neuron_counts",
            "pair_cosines", "shared_parameters", "top_fraction_mask"]
 
 HEAD_AXIS, KV_HEAD_AXIS, NEURON_AXIS = LOGICAL_AXES["N"], LOGICAL_AXES["K"], LOGICAL_AXES["F"]
@@ -66,6 +66,14 @@ def _mask_at_least(leaves: list[jax.Array], bits: list[jax.Array]) -> list[jax.A
     return [_positive_bits(x) >= jnp.reshape(b, b.shape + (1,) * (x.ndim - b.ndim)) for x, b in zip(leaves, bits)]
 
 
+def check_fraction(value, name: str = "top_fraction") -> float:
+    """`value` if it is a fraction the top-fraction selection takes, (0, 1]; else an error naming `name` (the one
+    check of a top fraction, from a config, a flag or an argument)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise errors.InvalidValue(f"{name}={value!r} is invalid: expected a fraction in (0, 1]")
+    return value
+
+
 def top_fraction_mask(tree, fraction: float, scope: str = "global"):
     """True where a value is positive and among the top `fraction` of the values of its group: all leaves together
     (scope "global"), or each tensor on its own (scope "tensor": every leaf, and every layer of a stacked leaf).
@@ -86,8 +94,7 @@ def top_fraction_mask(tree, fraction: float, scope: str = "global"):
     Returns:
       A boolean tree with the structure (and nnx metadata) of `tree`.
     """
-    if not 0 < fraction <= 1:
-        raise errors.InvalidValue(f"fraction={fraction!r} is invalid: expected 0 < fraction <= 1")
+    check_fraction(fraction, "fraction")
     if scope not in SCOPES:
         raise errors.InvalidValue(f"scope={scope!r} is invalid: expected one of {', '.join(SCOPES)}")
     leaves, treedef = jax.tree.flatten(tree)

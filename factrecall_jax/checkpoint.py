@@ -57,3 +57,13 @@ class Checkpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """The steps saved in a work directory, oldest first; an error if there are none."""
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
+    saved = checkpoints.steps()
+    checkpoints.close()
+    if not saved:
+        raise errors.MissingPath(f"{workdir} has no checkpoints yet")
+    return saved

@@ -4,6 +4,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 
 from absl import app, flags, logging
 
@@ -81,4 +82,21 @@ def atomic_output_dir(path, overwrite=False):
         raise
     if os.path.exists(path):
         shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def atomic_write(path: str, content: str | Callable[[str], None]) -> None:
+    """Writes the file `path` whole or not at all: into `path`.tmp, then renamed over `path`. `content` is UTF-8
+    text, or a function that writes the file it is given (safetensors, JSON of any size)."""
+    tmp = f"{path}.tmp"
+    try:
+        if isinstance(content, str):
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(content)
+        else:
+            content(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)

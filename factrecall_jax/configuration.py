@@ -1,18 +1,28 @@
-"""What a run config holds and the checks on it, run before anything is written.
+"""What a run config holds: the checks on it, run before anything is written, and its typed sections.
 
 A configs/ file is one ConfigDict whose sections are read in different places, some only hours into a run (the trace
-of launch.reproduce, a fork's stage-1 checkpoint). `validate` checks all the sections a job reads, at once and cheaply
-(no dataset built, no weights read, nothing downloaded), so a mistyped value fails before a work directory exists;
-otherwise its config.json stays behind, and the corrected rerun is refused as a run with another config.
+of launch.reproduce, a fork's stage-1 checkpoint). `read` checks all the sections a job reads, at once and cheaply
+(no dataset built, no weights read, nothing downloaded), so a mistyped value fails before a work directory exists
+(otherwise its config.json stays behind, and the corrected rerun is refused as a run with another config), and turns
+the ConfigDict into a `RunConfig`: one frozen dataclass per section, which every module reads from then on (as
+nanodo builds `DoConfig(**c.model)`); no ConfigDict reaches the library below the launch scripts.
 """
 import dataclasses
+import json
 import math
 import numbers
 import os
 import re
+from collections.abc import Mapping
+from typing import Any
 
-from factrecall_jax import data, errors, experiment, models, sharding, train as train_lib
+import jax.numpy as jnp
+
+from factrecall_jax import analysis, checkpoint, data, errors, models, sharding, train as train_lib
 from factrecall_jax.data import dataset, schedules, tokenizer
+
+SCHEDULES = ("mixed", "two_stage")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # A Hugging Face hub id, "owner/name" or "name"; a string that is neither this nor a folder names nothing.
 _HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
@@ -122,8 +132,7 @@ def _data(config):
 
 
 def _schedules(config):
-    _check(config.schedule in experiment.SCHEDULES, "schedule", config.schedule,
-           f"one of {', '.join(experiment.SCHEDULES)}")
+    _check(config.schedule in SCHEDULES, "schedule", config.schedule, f"one of {', '.join(SCHEDULES)}")
     share = config.mixed.qa_token_share
     _check(_is_number(share) and (share == 0 or 0 < share < 1), "mixed.qa_token_share", share,
            "0 (use mixed.qa_batch) or a share of the tokens between 0 and 1")
@@ -133,7 +142,7 @@ def _schedules(config):
     _check(isinstance(c.fresh_optimizer, bool), "two_stage.fresh_optimizer", c.fresh_optimizer, "True or False")
     if config.schedule == "two_stage" and c.fork_from:
         try:
-            saved = experiment.checkpoint_steps(c.fork_from)
+            saved = checkpoint.saved_steps(c.fork_from)
         except errors.MissingPath as e:
             raise errors.MissingPath(f"two_stage.fork_from={c.fork_from!r}: {e}; expected a two-stage work directory "
                                      "whose stage 1 is done, or \"\"") from None
@@ -191,7 +200,7 @@ def _model(config):
     except errors.InvalidValue as e:
         message = str(e)
         raise errors.InvalidValue(f"model.{message}" if re.match(r"\w+=", message) else f"model: {message}") from None
-    _check(config.dtype in experiment.DTYPES, "dtype", config.dtype, f"one of {', '.join(experiment.DTYPES)}")
+    _check(config.dtype in DTYPES, "dtype", config.dtype, f"one of {', '.join(DTYPES)}")
 
 
 def _tokenizer(config):
@@ -234,8 +243,9 @@ def _study(config):
     if _is_int(chunk) and chunk > 0:
         _check(chunk % rows == 0, "trace.chunk_size", chunk,
                f"a multiple of {rows}, the devices every chunk's pairs are split over (mesh data x fsdp)")
-    top = _get(config, "trace.top_fraction")
-    _check(_is_number(top) and 0 < top <= 1, "trace.top_fraction", top, "a fraction in (0, 1]")
+    analysis.check_fraction(_get(config, "trace.top_fraction"), "trace.top_fraction")
+    save_sums = config.trace.get("save_sums", False)
+    _check(isinstance(save_sums, bool), "trace.save_sums", save_sums, "True or False")
     try:
         most = min(_qa_people(config))
     except errors.UserError:  # the data section reports it
@@ -247,3 +257,137 @@ def _study(config):
 _JOBS = {"data": (_data, _tokenizer)}
 _JOBS["train"] = (*_JOBS["data"], _schedules, _people, _optimizers, _mesh, _model, _train)
 _JOBS["reproduce"] = (*_JOBS["train"], _study)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Typed sections: what every module reads once a config has been checked.
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Mixed:
+    """Every mixed step: bio_batch biographies and qa_batch training QA pairs (derived from qa_token_share > 0)."""
+    steps: int
+    bio_batch: int
+    qa_batch: int
+    qa_token_share: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoStage:
+    """Stage 1 (biographies), then stage 2 (QA pairs) with its own peak learning rate and weight decay; fork_from: a
+    two-stage work directory whose stage-boundary checkpoint stage 2 starts from ("": run stage 1)."""
+    stage1_steps: int
+    bio_batch: int
+    stage2_steps: int
+    qa_batch: int
+    stage2_learning_rate: float
+    stage2_weight_decay: float
+    fresh_optimizer: bool
+    fork_from: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Train:
+    """The training loop's settings (configs/default.py says what each does)."""
+    bio_value_dropout: float
+    task_weights: Mapping[str, float]
+    grad_accum_steps: int
+    steps_per_call: int
+    eval_every: int
+    eval_batch_size: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    tensorboard: bool
+    remat: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Reproduce:
+    """The stage-2 sweep of launch.reproduce."""
+    stage2_learning_rates: tuple[float, ...]
+    stage2_weight_decays: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Trace:
+    """The look inside (study.mechanisms): checkpoints, people, the shared fraction, pairs per chunk; save_sums: also
+    write the three parameter-sized sums (3x the float32 model per regime), not only the shared masks."""
+    num_checkpoints: int
+    num_people: int
+    top_fraction: float
+    chunk_size: int
+    save_sums: bool = False
+
+
+_SECTIONS = {"data": data.DatasetConfig, "optimizer": train_lib.OptimizerConfig, "mixed": Mixed,
+             "two_stage": TwoStage, "people": schedules.PeopleSampling, "train": Train, "reproduce": Reproduce,
+             "trace": Trace}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A checked config in typed sections, the same names as configs/default.py's (whose comments say what each
+    does). `model` is a config.json-style dict (no vocab_size where the tokenizer sets it); `mesh` the sizes of the
+    data, fsdp and tensor axes."""
+    seed: int
+    data: data.DatasetConfig
+    tokenizer: str
+    qa_loss: str
+    model: Mapping[str, Any]
+    init_from: str
+    dtype: str
+    schedule: str
+    optimizer: train_lib.OptimizerConfig
+    mixed: Mixed
+    two_stage: TwoStage
+    people: schedules.PeopleSampling
+    mesh: Mapping[str, int]
+    distributed: bool
+    train: Train
+    reproduce: Reproduce
+    trace: Trace
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "RunConfig":
+        """The sections of a config as a dict (a config.json, or a checked ConfigDict's to_dict()). A section that a
+        config.json written before it existed lacks takes its defaults (people: the levers off)."""
+        raw = dict(raw)
+        fields = {}
+        for f in dataclasses.fields(cls):
+            value = raw.get(f.name, {}) if f.name in _SECTIONS else raw[f.name]
+            if f.name == "data":
+                value = {**value, "seed": raw["seed"]}
+            if f.name in _SECTIONS:
+                value = _SECTIONS[f.name](**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            fields[f.name] = value
+        return cls(**fields)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        del out["data"]["seed"]  # config.seed is the one seed
+        return out
+
+    def to_json(self) -> str:
+        """config.json: the same text for the same config, so a resumed run can be told from another."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def replace(self, **dotted) -> "RunConfig":
+        """A copy with dotted fields replaced: replace(schedule="two_stage", **{"two_stage.fork_from": path})."""
+        config = self
+        for name, value in dotted.items():
+            section, _, field = name.partition(".")
+            if field:
+                value = dataclasses.replace(getattr(config, section), **{field: value})
+            config = dataclasses.replace(config, **{section: value})
+        return config
+
+
+def read(config, job: str = "train") -> RunConfig:
+    """`config` (a ConfigDict from a configs/ file, with any overrides) checked for `job` (`validate`) and read into
+    typed sections; a RunConfig is returned as it is (it was checked when it was read)."""
+    if isinstance(config, RunConfig):
+        return config
+    validate(config, job)
+    return RunConfig.from_dict(config.to_dict())

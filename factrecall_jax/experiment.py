@@ -1,58 +1,51 @@
-"""From a config file to trained, evaluated and checkpointed runs: the loop around the pure train step.
+"""From a checked config to trained, evaluated and checkpointed runs: the loop around the pure train step.
 
 `train(config, workdir)` runs one schedule in a work directory (config.json, checkpoints/, metrics.jsonl) and resumes
 from its last checkpoint when run again with the same config. The order of the data is a pure function of (seed,
 step) and every step boundary is the same in a resumed run, so resuming gives bitwise the uninterrupted result.
 """
 import dataclasses
+import functools
 import json
 import math
 import os
 import time
 
 import datasets
-import ml_collections
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
 
-from factrecall_jax import configuration, data, errors, evaluate, models, sharding, train as train_lib
+from factrecall_jax import checkpoint, cli, configuration, data, errors, evaluate, models, sharding, train as train_lib
 from factrecall_jax.checkpoint import Checkpoints
+from factrecall_jax.configuration import RunConfig
 from factrecall_jax.data import schedules
 from factrecall_jax.metrics import MetricsLog
 
-SCHEDULES = ("mixed", "two_stage")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-
-def load_data(config):
+def load_data(config: RunConfig):
     """(tokenized DatasetDict, tokenizer) of a config: built in memory in seconds, the same for the same config."""
     datasets.disable_progress_bars()
-    dataset_dict = data.build_dataset(configuration.dataset_config(config))
+    dataset_dict = data.build_dataset(config.data)
     tokenizer = data.get_tokenizer(config.tokenizer, dataset_dict)
     return data.tokenize(dataset_dict, tokenizer, qa_loss=config.qa_loss), tokenizer
 
 
-def schedule(config) -> tuple[schedules.Phase, ...]:
+def schedule(config: RunConfig) -> tuple[schedules.Phase, ...]:
     """The phases of `config.schedule`, with the optimizer settings of `config.optimizer` (and stage 2's own) and
     the people levers of `config.people` in every phase."""
-    optimizer = train_lib.OptimizerConfig(**config.optimizer)
-    # a config.json written before the levers existed has no people section: those runs read every row per epoch
-    people = schedules.PeopleSampling(**config.get("people", {}))
     if config.schedule == "mixed":
-        return schedules.mixed(config.mixed.steps, config.mixed.bio_batch, config.mixed.qa_batch, optimizer, people)
-    if config.schedule == "two_stage":
-        c = config.two_stage
-        stage2 = dataclasses.replace(optimizer, learning_rate=c.stage2_learning_rate,
-                                     weight_decay=c.stage2_weight_decay)
-        return schedules.two_stage(c.stage1_steps, c.bio_batch, c.stage2_steps, c.qa_batch, optimizer, stage2,
-                                   c.fresh_optimizer, people)
-    raise errors.InvalidValue(f"schedule={config.schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
+        c = config.mixed
+        return schedules.mixed(c.steps, c.bio_batch, c.qa_batch, config.optimizer, config.people)
+    c = config.two_stage
+    stage2 = dataclasses.replace(config.optimizer, learning_rate=c.stage2_learning_rate,
+                                 weight_decay=c.stage2_weight_decay)
+    return schedules.two_stage(c.stage1_steps, c.bio_batch, c.stage2_steps, c.qa_batch, config.optimizer, stage2,
+                               c.fresh_optimizer, config.people)
 
 
-def resolve_batches(config, tables):
+def resolve_batches(config: RunConfig, tables) -> RunConfig:
     """`config` with mixed.qa_batch derived from mixed.qa_token_share when that is set (> 0), a multiple of the
     devices a batch is split over and of train.grad_accum_steps, so that config.json holds the rows a step reads."""
     if not config.mixed.qa_token_share:
@@ -61,7 +54,7 @@ def resolve_batches(config, tables):
     rows = math.lcm(math.prod(mesh.shape[a] for a in sharding.BATCH_AXES), config.train.grad_accum_steps)
     qa_rows = schedules.qa_rows_for_token_share(tables, config.mixed.bio_batch, config.mixed.qa_token_share,
                                                 multiple_of=rows)
-    return override(config, **{"mixed.qa_batch": qa_rows})
+    return config.replace(**{"mixed.qa_batch": qa_rows})
 
 
 def phase_optimizer(phases, index):
@@ -82,10 +75,10 @@ def _chunk_ends(start, stop, every):
     return sorted(e for e in ends if start < e <= stop)
 
 
-def write_config(config, workdir):
+def write_config(config: RunConfig, workdir: str) -> None:
     """Writes the resolved config.json (process 0), or checks that a resumed run has the same one."""
     path = os.path.join(workdir, "config.json")
-    text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+    text = config.to_json()
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             if f.read() != text:
@@ -93,9 +86,7 @@ def write_config(config, workdir):
                                           "config, or use a new --workdir")
     elif sharding.is_writer():
         os.makedirs(workdir, exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        cli.atomic_write(path, text)
 
 
 def _format_seconds(seconds):
@@ -104,56 +95,106 @@ def _format_seconds(seconds):
 
 
 class Run:
-    """One run's config and what every stage derives from it, built once: the tokenized data and tokenizer, the
-    token tables, the mesh, the model's graphdef and its abstract parameters laid out on the mesh; the evaluator,
-    the initial parameters and any checkpoint's parameters on demand.
+    """One run: its checked config, its work directory (None for a run not yet written), and what they derive,
+    each computed on first use: the tokenized data and tokenizer, the token tables, the config with its batch sizes
+    resolved (as config.json records them), the mesh, the model's graphdef and abstract parameters laid out on the
+    mesh, the evaluator; the initial parameters and any checkpoint's parameters on demand.
 
-    `Run(config)` is a new run's: the config is validated before anything else happens (nothing is written here)
-    and its batch sizes resolved as config.json records them. `Run.load(workdir)` is a trained run's, whose
-    config.json was validated before it was written (and may name a fork's stage-1 folder that is gone since).
+    `Run(config)` takes a RunConfig (configuration.read checks a ConfigDict into one) and reads nothing yet: the
+    abstract parameters of a plan cost the data's tokenizer alone, no weights. `Run.load(workdir)` is a trained
+    run's, whose config.json was checked before it was written (and may name a fork's stage-1 folder gone since).
     """
 
-    def __init__(self, config, workdir: str | None = None):
-        if workdir is None:
-            configuration.validate(config)
-        self.workdir = workdir
-        self.tokenized, self.tokenizer = load_data(config)
-        self.tables = schedules.token_tables(self.tokenized, self.tokenizer.pad_token_id)
-        self.config = resolve_batches(config, self.tables)
-        self.model_config = self._architecture()
-        vocab_size = self.model_config["vocab_size"]
-        if len(self.tokenizer) > vocab_size:  # an id past the embedding reads NaN, and NaN spreads to every logit
-            raise errors.InvalidValue(
-                f"tokenizer={config.tokenizer!r} has {len(self.tokenizer)} tokens, more than the {vocab_size} of the "
-                f"vocabulary of init_from={config.init_from!r}: use the checkpoint's own tokenizer")
-        self.mesh = make_mesh(self.config)
-        self.graphdef, params = nnx.split(nnx.eval_shape(lambda: models.from_config(
-            self.model_config, dtype=self.dtype, remat=self.config.train.remat)), nnx.Param)
-        self.abstract_params = sharding.abstract_on(params, sharding.param_shardings(params, self.mesh))
-        self._evaluator = None
+    def __init__(self, config: RunConfig, workdir: str | None = None):
+        if not isinstance(config, RunConfig):
+            raise TypeError(f"Run takes a configuration.RunConfig (configuration.read(config)); got {type(config)}")
+        self.given, self.workdir = config, workdir
 
     @classmethod
     def load(cls, workdir: str) -> "Run":
         return cls(load_config(workdir), workdir)
 
+    @functools.cached_property
+    def _data(self):
+        return load_data(self.given)
+
+    @property
+    def tokenized(self):
+        return self._data[0]
+
+    @property
+    def tokenizer(self):
+        return self._data[1]
+
+    @functools.cached_property
+    def tables(self) -> dict[str, schedules.TokenTable]:
+        return schedules.token_tables(self.tokenized, self.tokenizer.pad_token_id)
+
+    @functools.cached_property
+    def config(self) -> RunConfig:
+        """The given config with its batch sizes resolved, as config.json records them."""
+        return resolve_batches(self.given, self.tables) if self.given.mixed.qa_token_share else self.given
+
+    @functools.cached_property
+    def mesh(self) -> jax.sharding.Mesh:
+        return make_mesh(self.given)
+
     @property
     def dtype(self):
-        return DTYPES[self.config.dtype]
+        return configuration.DTYPES[self.given.dtype]
 
-    def _architecture(self) -> dict:
-        """The model's config.json: init_from's, else config.model with the tokenizer's vocabulary."""
-        if self.config.init_from:
-            return models.hf.read_config(models.hf.resolve(self.config.init_from))
-        return {**self.config.model.to_dict(), "vocab_size": len(self.tokenizer)}
+    @functools.cached_property
+    def model_config(self) -> dict:
+        """The model's config.json. From scratch: config.model with the tokenizer's vocabulary. Fine-tuning a local
+        folder: the folder's, which config.model must not contradict. Fine-tuning a hub id: config.model, which
+        stands for the checkpoint until its weights are read (and checked: `init_params`), so that a plan needs
+        no download."""
+        c = self.given
+        if not c.init_from:
+            return {**c.model, "vocab_size": len(self.tokenizer)}
+        if os.path.isdir(os.path.expanduser(c.init_from)):
+            return self._agreeing(models.hf.read_config(os.path.expanduser(c.init_from)))
+        return dict(c.model)
+
+    def _agreeing(self, checkpoint_config: dict) -> dict:
+        """The checkpoint's config.json, once config.model is found not to contradict it (the checkpoint's
+        architecture is what trains, and config.json records config.model) and the tokenizer to fit its vocabulary."""
+        c = self.given
+        if clashes := [f"model.{k}={v!r} (the checkpoint's: {checkpoint_config[k]!r})" for k, v in c.model.items()
+                       if k in checkpoint_config and checkpoint_config[k] != v]:
+            raise errors.InvalidValue(f"config.model disagrees with init_from={c.init_from!r}: {', '.join(clashes)}; "
+                                      "make config.model agree with the checkpoint's config.json, or leave it out")
+        if (vocab := len(self.tokenizer)) > checkpoint_config["vocab_size"]:  # an id past the embedding reads NaN
+            raise errors.InvalidValue(
+                f"tokenizer={c.tokenizer!r} has {vocab} tokens, more than the {checkpoint_config['vocab_size']} of "
+                f"the vocabulary of init_from={c.init_from!r}: use the checkpoint's own tokenizer")
+        return checkpoint_config
+
+
+    @functools.cached_property
+    def _split(self):
+        return nnx.split(nnx.eval_shape(lambda: models.from_config(
+            self.model_config, dtype=self.dtype, remat=self.given.train.remat)), nnx.Param)
+
+    @property
+    def graphdef(self) -> nnx.GraphDef:
+        return self._split[0]
+
+    @functools.cached_property
+    def abstract_params(self) -> nnx.State:
+        params = self._split[1]
+        return sharding.abstract_on(params, sharding.param_shardings(params, self.mesh))
 
     def init_params(self) -> nnx.State:
         """The parameters both regimes start from (`config.init_from`, else a seeded random init), each drawn or read
         where its shard lives."""
-        kw = dict(dtype=self.dtype, remat=self.config.train.remat, mesh=self.mesh)
-        if self.config.init_from:
-            model = models.from_pretrained(self.config.init_from, **kw)
+        kw = dict(dtype=self.dtype, remat=self.given.train.remat, mesh=self.mesh)
+        if self.given.init_from:
+            folder = models.hf.resolve(self.given.init_from)
+            self._agreeing(models.hf.read_config(folder))
+            model = models.from_pretrained(folder, **kw)
         else:
-            model = models.from_config(self.model_config, seed=self.config.seed, **kw)
+            model = models.from_config(self.model_config, seed=self.given.seed, **kw)
         return nnx.split(model, nnx.Param)[1]
 
     def init_state(self, params: nnx.State, tx, step: int = 0) -> train_lib.TrainState:
@@ -166,32 +207,36 @@ class Run:
         like = jax.eval_shape(lambda p: train_lib.init_state(p, tx), self.abstract_params)
         return sharding.abstract_on(like, sharding.state_shardings(like, self.mesh))
 
+    @functools.cached_property
     def evaluator(self) -> evaluate.Evaluator:
         """Scores every split (BIO recall, QA accuracy in and out of distribution), batches split like training's;
         built once, on first use (its batches live on the devices)."""
-        if self._evaluator is None:
-            self._evaluator = evaluate.Evaluator(self.tables, self.graphdef, self.config.train.eval_batch_size,
-                                                 sharding.batch_sharding(self.mesh))
-        return self._evaluator
+        return evaluate.Evaluator(self.tables, self.graphdef, self.given.train.eval_batch_size,
+                                  sharding.batch_sharding(self.mesh))
 
     def params(self, step: int | None = None, workdir: str | None = None) -> nnx.State:
         """The parameters saved at `step` (default: the last) in `workdir` (default: this run's; a fork's stage-1 run
         has the same model), read alone and laid out on the mesh."""
         workdir = workdir or self.workdir
-        step = checkpoint_steps(workdir)[-1] if step is None else step
+        step = checkpoint.saved_steps(workdir)[-1] if step is None else step
         checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
         try:
             return checkpoints.restore_params(step, self.abstract_params)
         finally:
             checkpoints.close()
 
+    def model(self, step: int | None = None, workdir: str | None = None) -> nnx.Module:
+        """The model at a saved step (`params`), for the trace and analyses that take a module."""
+        return nnx.merge(self.graphdef, self.params(step, workdir))
+
 
 def train(config, workdir: str, *, until_step: int | None = None, log=print) -> dict:
     """Trains `config.schedule` in `workdir`, evaluating every `config.train.eval_every` steps; returns the final
-    evaluation. Resumes from the work directory's last checkpoint, or starts a fork from the stage boundary of
-    `config.two_stage.fork_from`. `until_step` stops early (a stage-1-only run, or a test's interrupted run).
+    evaluation. `config`: a RunConfig, or a ConfigDict, checked first (configuration.read). Resumes from the work
+    directory's last checkpoint, or starts a fork from the stage boundary of `config.two_stage.fork_from`.
+    `until_step` stops early (a stage-1-only run, or a test's interrupted run).
     """
-    run = Run(config)
+    run = Run(configuration.read(config), workdir)
     write_config(run.config, workdir)
     phases = schedule(run.config)
     starts = schedules.phase_starts(phases)
@@ -203,7 +248,7 @@ def train(config, workdir: str, *, until_step: int | None = None, log=print) -> 
         metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), int(state.step), tensorboard=tc.tensorboard)
         try:
             if int(state.step) == 0:
-                metrics_log.write({"step": 0, "eval": run.evaluator()(state.params)})
+                metrics_log.write({"step": 0, "eval": run.evaluator(state.params)})
             progress, final = _Progress(int(state.step), stop, log), None
             for index in range(len(phases)):
                 if int(state.step) < min(starts[index + 1], stop):
@@ -212,7 +257,7 @@ def train(config, workdir: str, *, until_step: int | None = None, log=print) -> 
             metrics_log.close()
     finally:
         checkpoints.close()
-    final = final or run.evaluator()(state.params)
+    final = final or run.evaluator(state.params)
     logging.info("final evaluation of %s: %s", workdir, final)
     return final
 
@@ -250,7 +295,8 @@ class _Progress:
             return
         rate = self.window_tokens / (now - self.window_start)
         eta = (now - self.session_start) / (step - self.session_start_step) * (self.stop - step)
-        line = (f"{record['phase']} step {step}/{self.stop}  loss {record['loss']:.3f}  {rate / 1000:.1f}k tok/s  "
+        speed = f"{rate / 1000:.1f}k" if rate >= 1000 else f"{rate:.0f}"
+        line = (f"{record['phase']} step {step}/{self.stop}  loss {record['loss']:.3f}  {speed} tok/s  "
                 f"ETA {_format_seconds(eta)}")
         if "eval" in record:
             line += "  | " + "  ".join(f"{k.removesuffix('_accuracy')} {v:.3f}"
@@ -283,16 +329,23 @@ def _train_phase(run: Run, phases, index, state, stop, checkpoints, metrics_log,
         step = end
         record = {"step": step, "phase": phase.name, **metrics}
         if step % tc.eval_every == 0 or step in starts:
-            record["eval"] = run.evaluator()(state.params)
+            record["eval"] = run.evaluator(state.params)
         if step % tc.checkpoint_every == 0 or step in starts or step == stop:
             checkpoints.save(state)
         metrics_log.write(record)
-        pad = run.tokenizer.pad_token_id
-        progress.update(record, sum(int(np.count_nonzero(b["targets"] != pad)) for b in batches.values()))
+        progress.update(record, sum(_real_tokens(b, run.tokenizer) for b in batches.values()))
     return state, record.get("eval")
 
 
-def make_mesh(config) -> jax.sharding.Mesh:
+def _real_tokens(batch: dict, tokenizer) -> int:
+    """The targets of a batch that are not padding. Every row ends with EOS (data.tokenize), which a tokenizer whose
+    pad token is EOS would let pass for padding: one per row is counted back."""
+    rows = math.prod(batch["targets"].shape[:-1])
+    eos_is_pad = tokenizer.eos_token_id == tokenizer.pad_token_id
+    return int(np.count_nonzero(batch["targets"] != tokenizer.pad_token_id)) + (rows if eos_is_pad else 0)
+
+
+def make_mesh(config: RunConfig) -> jax.sharding.Mesh:
     """The device mesh of `config.mesh` (sizes of the data, fsdp and tensor axes; -1: the rest of the devices)."""
     return sharding.make_mesh(dict(config.mesh))
 
@@ -307,33 +360,10 @@ def _feed(batches, mesh):
     return jax.tree.map(one, batches)
 
 
-def load_config(workdir: str):
-    """The resolved config.json of a work directory, as a ConfigDict."""
+def load_config(workdir: str) -> RunConfig:
+    """The resolved config.json of a work directory, in typed sections."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise errors.MissingPath(f"{path} does not exist: --workdir must be a directory written by launch.train")
     with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-    """The steps saved in a work directory, oldest first; an error if there are none."""
-    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
-    saved = checkpoints.steps()
-    checkpoints.close()
-    if not saved:
-        raise errors.MissingPath(f"{workdir} has no checkpoints yet")
-    return saved
-
-
-def override(config, **fields):
-    """A copy of `config` with dotted fields replaced ("two_stage.fork_from": ...)."""
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        for dotted, value in fields.items():
-            *parents, name = dotted.split(".")
-            node = config
-            for parent in parents:
-                node = node[parent]
-            node[name] = value
-    return config
+        return RunConfig.from_dict(json.load(f))

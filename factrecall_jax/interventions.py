@@ -6,11 +6,38 @@ transfer some of it. `random_mask` is the control: the same number of parameters
 positions, which should do much less. Every function is a pure map over trees like the parameters (nnx.State), so
 the result goes straight back into `nnx.merge(graphdef, params)` or an evaluator.
 """
+import dataclasses
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["ablate", "graft", "random_mask"]
+__all__ = ["KINDS", "Outcome", "ablate", "graft", "random_mask"]
+
+# What an intervention does: nothing (the trained model), ablate to zero, reset to the init, graft from a donor.
+KINDS = {"none": "none", "ablate": "ablate to zero", "reset": "reset to init", "graft": "graft from {donor}"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """One intervention and the accuracies measured after it: a row of the main job's intervention table.
+
+    model: the regime intervened on; kind: a key of KINDS; scope ("global", "tensor"), mask ("shared", or "random",
+    the control) and count: the mask's ("-" and 0 for kind "none"); donor: the regime grafted from; accuracies: the
+    evaluation's "*_accuracy" values.
+    """
+    model: str
+    kind: str
+    scope: str = "-"
+    mask: str = "-"
+    count: int = 0
+    donor: str = ""
+    accuracies: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return KINDS[self.kind].format(donor=self.donor)
 
 
 def _by_path(tree) -> dict:

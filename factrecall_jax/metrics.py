@@ -6,7 +6,7 @@ finished run (study, tests) need `read_metrics` without the training loop.
 import json
 import os
 
-from factrecall_jax import sharding
+from factrecall_jax import cli, sharding
 
 # SummaryWriter.flush() does not wait for the events still queued to its writer thread; that thread's own flush, at
 # most this many seconds after an event, is what a live TensorBoard sees (as often as the console's progress line).
@@ -24,9 +24,7 @@ class MetricsLog:
             return
         records = read_metrics(path) if os.path.exists(path) else []
         kept = [r for r in records if r["step"] <= resume_step]
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(path + ".tmp", path)
+        cli.atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
         if tensorboard:
             from tensorboardX import SummaryWriter  # here: it imports torch where installed, and only a writer needs it
 

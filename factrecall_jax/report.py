@@ -8,8 +8,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 import numpy as np  # noqa: E402
 
+from factrecall_jax import cli  # noqa: E402
 from factrecall_jax.data import ATTRIBUTES  # noqa: E402
 from factrecall_jax.evaluate import COMPOSED_KEY, ONE_HOP_KEY  # noqa: E402
+from factrecall_jax.interventions import Outcome  # noqa: E402
 
 # The fairest two-stage model must still know its biographies and its training questions: a stage 2 that erased
 # the biographies would make mixed training win for the wrong reason.
@@ -124,10 +126,19 @@ def _parts(e: dict) -> str:
     return f"one-hop mean {e[ONE_HOP_KEY]:.1%}, the employer's city {e[COMPOSED_KEY]:.1%}"
 
 
+def augmentations(data_config, bio_value_dropout: float) -> list[str]:
+    """The augmentations a run uses, in words (Physics 3.1's, and BIO value dropout); [] for bioS single."""
+    c = data_config
+    return [text for text, on in ((f"{c.bio_variants} biographies per person", c.bio_variants > 1),
+                                  ("each biography's own sentence order", c.permute),
+                                  ("the full name in every sentence", c.fullname),
+                                  (f"BIO value dropout {bio_value_dropout:g}", bio_value_dropout > 0)) if on]
+
+
 def findings(summary: dict, setting: dict) -> str:
     """One paragraph that states what the numbers show, including where they fall short of the paper's contrast.
 
-    setting: {"bio_value_dropout", "qa_token_share" (of a mixed step's tokens), "qa_loss"} of the runs.
+    setting: {"augmentations" (`augmentations`), "qa_token_share" (of a mixed step's tokens), "qa_loss"} of the runs.
     """
     mixed, fair, sweep = summary["mixed"], summary["two_stage"], summary["two_stage_sweep"]
     text = (f"Mixed training (QA {setting['qa_token_share']:.0%} of the training tokens, QA loss on "
@@ -151,11 +162,10 @@ def findings(summary: dict, setting: dict) -> str:
             text += (f"Across stage-2 learning rates {series('stage2_lr', 'g')} at weight decay {wd:g}, held-out "
                      f"accuracy goes {series('qa_test_accuracy', '.2f')}, BIO recall {series('bio_accuracy', '.2f')} "
                      f"and in-distribution accuracy {series('qa_train_accuracy', '.2f')}. ")
-    if setting["bio_value_dropout"] > 0:
-        text += (f"These runs drop BIO value tokens with probability {setting['bio_value_dropout']:g}, an "
-                 "augmentation: "
-                 "it makes the name the only reliable key of every fact and raises both regimes, as Allen-Zhu and "
-                 "Li's augmentations make two-stage training work too (configs/default.py is the run without it). ")
+    if setting["augmentations"]:
+        text += (f"These runs use augmentation ({', '.join(setting['augmentations'])}): it makes the name a more "
+                 "reliable key of every fact and raises both regimes, as Allen-Zhu and Li's augmentations make "
+                 "two-stage training work too (configs/default.py is the run without it). ")
     else:
         text += "These runs use no augmentation: one biography per person, sentences in one fixed order. "
         if _declining(mixed["per_attribute"]["qa_test"]):
@@ -271,15 +281,9 @@ def write(workdir: str, summary: dict, curves: dict[str, list[dict]], *, setting
             *(f"![{name}](figures/{name})" for name in mechanism_figures(figure_dir, summary)),
         ]
     text = "\n\n".join([*sections, f"Wall time: {summary['wall_seconds']:.0f} s."]) + "\n"
-    _write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2) + "\n")
-    _write_atomic(os.path.join(workdir, "report.md"), text)
+    cli.atomic_write(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    cli.atomic_write(os.path.join(workdir, "report.md"), text)
     return text
-
-
-def _write_atomic(path, text):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -309,6 +313,8 @@ def grouped_counts(stats: dict) -> dict[str, dict]:
 
 
 SCOPE_WORDS = {"global": "over all parameters together", "tensor": "within each parameter tensor"}
+# A global shared set that holds at least this share of all norm parameters is said to be dominated by them.
+NORM_HEAVY = 0.5
 
 
 def shared_table(trace_summary: dict, rule: str = "intersection", scope: str = "global") -> str:
@@ -331,12 +337,17 @@ def shared_table(trace_summary: dict, rule: str = "intersection", scope: str = "
     return "\n".join(lines)
 
 
+def _outcomes(rows: list[dict]) -> list[Outcome]:
+    """The intervention rows of a summary (study.intervention_table's records, as summary.json holds them)."""
+    return [r if isinstance(r, Outcome) else Outcome(**r) for r in rows]
+
+
 def interventions_table(rows: list[dict]) -> str:
     lines = [f"| model | intervention | scope | mask | parameters | {HELD_OUT_HEADER} | in-dist QA | BIO recall |",
              "|---" * 10 + "|"]
-    lines += [f"| {r['model'].replace('_', '-')} | {r['intervention'].replace('_', '-')} | {r['scope']} | "
-              f"{r['mask']} | {r['count']} | {_held_out(r)} | {r['qa_train_accuracy']:.3f} | {r['bio_accuracy']:.3f} |"
-              for r in rows]
+    lines += [f"| {o.model.replace('_', '-')} | {o.label.replace('_', '-')} | {o.scope} | {o.mask} | {o.count} | "
+              f"{_held_out(o.accuracies)} | {o.accuracies['qa_train_accuracy']:.3f} | "
+              f"{o.accuracies['bio_accuracy']:.3f} |" for o in _outcomes(rows)]
     return "\n".join(lines)
 
 
@@ -352,14 +363,15 @@ def consistency_table(consistency: dict) -> str:
     return "\n".join(lines)
 
 
-def _accuracy(rows, model, intervention, mask, scope="-"):
-    return next(r["qa_test_accuracy"] for r in rows
-                if (r["model"], r["intervention"], r["scope"], r["mask"]) == (model, intervention, scope, mask))
+def _accuracy(rows: list[Outcome], model, kind, mask="-", scope="-"):
+    """Held-out accuracy after the intervention of `kind` on `model` with `mask` of `scope`."""
+    return next(o.accuracies["qa_test_accuracy"] for o in rows
+                if (o.model, o.kind, o.scope, o.mask) == (model, kind, scope, mask))
 
 
 def mechanism_findings(mech: dict) -> str:
     """What the trace and interventions show, stated from the numbers, next to what the paper reports."""
-    trace_summary, rows, consistency = mech["trace"], mech["interventions"], mech["consistency"]
+    trace_summary, rows, consistency = mech["trace"], _outcomes(mech["interventions"]), mech["consistency"]
     first = next(iter(trace_summary.values()))
     text = ""
     if "stage2_lr" in trace_summary.get("two_stage", {}):
@@ -377,25 +389,32 @@ def mechanism_findings(mech: dict) -> str:
                 text += (f"; in {regime.replace('_', '-')} mostly "
                          + " and ".join(f"{g} ({v['count'] / stats['total']['count']:.0%})" for g, v in groups)
                          + ", per layer " + ", ".join(str(layer["count"]) for layer in stats["per_layer"]))
+        norms = {r: grouped_counts(s["shared"][scope]["intersection"]).get("norms") for r, s in trace_summary.items()}
+        if scope == "global" and (heavy := {r: n["count"] / n["size"] for r, n in norms.items()
+                                            if n and n["count"] >= NORM_HEAVY * n["size"]}):
+            text += ("; " + ", ".join(f"{share:.0%} of all norm parameters are in {r.replace('_', '-')}'s set"
+                                      for r, share in heavy.items())
+                     + ": a norm scale's gradient is large per parameter (a pretrained model's especially), so a "
+                     "global ranking fills with them; the per-tensor ranking compares each tensor with itself")
         if {"mixed", "two_stage"} <= set(counts):
             more = "more" if counts["mixed"] > counts["two_stage"] else "fewer"
             text += f". Mixed has {more} than two-stage" + (", as the paper reports" if more == "more" else
                                                              ", unlike the paper")
         text += ". "
         for regime in trace_summary:
-            base = _accuracy(rows, regime, "none", "-")
-            shared, rand = (_accuracy(rows, regime, "ablate to zero", m, scope) for m in ("shared", "random"))
+            base = _accuracy(rows, regime, "none")
+            shared, rand = (_accuracy(rows, regime, "ablate", m, scope) for m in ("shared", "random"))
             text += (f"Zeroing {regime.replace('_', '-')}'s shared set moves its held-out accuracy {base:.3f} -> "
                      f"{shared:.3f} (a random set of the same size per tensor: {rand:.3f}). ")
-        if any(r["intervention"].startswith("graft") for r in rows):
-            base = _accuracy(rows, "two_stage", "none", "-")
-            shared, rand = (_accuracy(rows, "two_stage", "graft from mixed", m, scope) for m in ("shared", "random"))
+        if any(o.kind == "graft" for o in rows):
+            base = _accuracy(rows, "two_stage", "none")
+            shared, rand = (_accuracy(rows, "two_stage", "graft", m, scope) for m in ("shared", "random"))
             text += (f"Grafting mixed's shared set into the two-stage model moves its held-out accuracy {base:.3f} -> "
                      f"{shared:.3f} (random graft of the same size: {rand:.3f}): "
                      + ("it transfers recall, as the paper reports. " if shared > max(base, rand) + 0.01 else
                         "unlike the paper, it does not transfer recall here. "))
-    noisy = sorted({r["model"] for r in rows if r["intervention"] == "reset to init" and r["mask"] == "random" and
-                    r["qa_test_accuracy"] < _accuracy(rows, r["model"], "ablate to zero", "random", r["scope"]) - 0.1})
+    noisy = sorted({o.model for o in rows if o.kind == "reset" and o.mask == "random" and
+                    o.accuracies["qa_test_accuracy"] < _accuracy(rows, o.model, "ablate", "random", o.scope) - 0.1})
     if noisy:
         text += ("Resetting a random set to its initial values already breaks recall in "
                  + ", ".join(r.replace("_", "-") for r in noisy) + ": it writes init-scale weights into a model that "
@@ -450,13 +469,14 @@ def mechanism_figures(out_dir: str, mech: dict) -> list[str]:
         ax.xaxis.get_major_locator().set_params(integer=True)
     names.append(_save(fig, out_dir, "consistency_per_layer.png"))
 
-    rows = [r for r in mech["interventions"] if r["intervention"] != "none"]
+    outcomes = _outcomes(mech["interventions"])
+    rows = [o for o in outcomes if o.kind != "none"]
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.22 * len(rows)), layout="constrained")
-    labels = [f"{r['model'].replace('_', '-')}: {r['intervention']} ({r['scope']}, {r['mask']})" for r in rows]
-    colors = ["tab:red" if r["mask"] == "shared" else "tab:gray" for r in rows]
-    ax.barh(range(len(rows)), [r["qa_test_accuracy"] for r in rows], color=colors)
+    labels = [f"{o.model.replace('_', '-')}: {o.label} ({o.scope}, {o.mask})" for o in rows]
+    colors = ["tab:red" if o.mask == "shared" else "tab:gray" for o in rows]
+    ax.barh(range(len(rows)), [o.accuracies["qa_test_accuracy"] for o in rows], color=colors)
     for regime, style in zip(regimes, ("--", ":")):
-        ax.axvline(_accuracy(mech["interventions"], regime, "none", "-"), color="k", ls=style,
+        ax.axvline(_accuracy(outcomes, regime, "none"), color="k", ls=style,
                    label=f"{regime.replace('_', '-')}: no intervention")
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()

@@ -9,7 +9,7 @@ import os
 
 from absl import flags
 
-from factrecall_jax import cli, experiment, sharding
+from factrecall_jax import checkpoint, cli, experiment, sharding
 from factrecall_jax.data import ATTRIBUTES
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory written by launch.train.", required=True)
@@ -18,8 +18,8 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default
 
 def main(_):
     run = experiment.Run.load(_WORKDIR.value)
-    step = experiment.checkpoint_steps(_WORKDIR.value)[-1] if _STEP.value is None else _STEP.value
-    result = run.evaluator()(run.params(step))
+    step = checkpoint.saved_steps(_WORKDIR.value)[-1] if _STEP.value is None else _STEP.value
+    result = run.evaluator(run.params(step))
     print(f"step {step}")
     print(f"{'split':<20} {'all':>6} " + " ".join(f"{a[:12]:>12}" for a in ATTRIBUTES))
     for split, per_attribute in result["per_attribute"].items():
@@ -27,9 +27,7 @@ def main(_):
               + " ".join(f"{per_attribute.get(a, float('nan')):>12.3f}" for a in ATTRIBUTES))
     if sharding.is_writer():
         path = os.path.join(_WORKDIR.value, f"eval_step{step}.json")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump({"step": step, **result}, f, indent=2)
-        os.replace(path + ".tmp", path)
+        cli.atomic_write(path, json.dumps({"step": step, **result}, indent=2))
         print(f"wrote {path}")
 
 

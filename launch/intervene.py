@@ -9,13 +9,14 @@ against random masks of the same size in every tensor, and measure recall again.
 The traces come from `python -m launch.trace`. The final checkpoint of each run is used; the donor is ablated like the
 run. Prints a table and writes the rows (every split's accuracy) as JSON.
 """
+import dataclasses
 import json
 import os
 
 from absl import flags
 from flax import nnx
 
-from factrecall_jax import analysis, cli, errors, experiment, sharding, study, trace
+from factrecall_jax import analysis, checkpoint, cli, errors, experiment, sharding, study, trace
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory written by launch.train.", required=True)
 _TRACE = flags.DEFINE_string("trace", None, "The run's trace (default: <workdir>/trace.safetensors).")
@@ -54,8 +55,7 @@ def main(_):
         raise errors.InvalidValue(f"--rule={_RULE.value!r} is invalid: expected one of {', '.join(analysis.RULES)}")
     if _SCOPE.value not in analysis.SCOPES:
         raise errors.InvalidValue(f"--scope={_SCOPE.value!r} is invalid: expected one of {', '.join(analysis.SCOPES)}")
-    if not 0 < _TOP_FRACTION.value <= 1:
-        raise errors.InvalidValue(f"--top_fraction={_TOP_FRACTION.value!r} is invalid: expected 0 < top_fraction <= 1")
+    analysis.check_fraction(_TOP_FRACTION.value, "--top_fraction")
     if _DONOR_TRACE.value and not donor:
         raise errors.InvalidValue("--donor_trace needs --donor")
     config = experiment.load_config(workdir)
@@ -63,21 +63,20 @@ def main(_):
     if donor:
         donor_config = experiment.load_config(donor)
         for field in _SAME_FOR_GRAFT:
-            mine, theirs = config.get(field), donor_config.get(field)
-            mine, theirs = (x.to_dict() if hasattr(x, "to_dict") else x for x in (mine, theirs))
+            mine, theirs = getattr(config, field), getattr(donor_config, field)
             if mine != theirs:
                 raise errors.InvalidValue(f"--donor={donor} differs from --workdir={workdir} in config.{field} "
                                           f"({theirs!r} vs {mine!r}): a graft needs runs of the same data and init")
         donor_trace_path = _trace_path(_DONOR_TRACE.value, donor, "donor_trace")
 
     run = experiment.Run.load(workdir)
-    step = experiment.checkpoint_steps(workdir)[-1]
+    step = checkpoint.saved_steps(workdir)[-1]
     params = run.params(step)
     result, traced = _load_trace(trace_path, params)
     models, masks, sources = {"run": params}, {}, {"run": (workdir, step, trace_path, traced)}
     masks["run"] = analysis.shared_parameters(result, _TOP_FRACTION.value, _RULE.value, _SCOPE.value)
     if donor:
-        donor_step = experiment.checkpoint_steps(donor)[-1]
+        donor_step = checkpoint.saved_steps(donor)[-1]
         donor_params = run.params(donor_step, donor)  # same data and init: checked above
         donor_result, donor_traced = _load_trace(donor_trace_path, donor_params)
         models["donor"], masks["donor"] = donor_params, analysis.shared_parameters(
@@ -86,14 +85,15 @@ def main(_):
     for name, (path, final, trace_file, steps) in sources.items():
         print(f"{name}: {path} at step {final}; trace {trace_file} (steps {steps})")
 
-    rows = study.intervention_table(models, {_SCOPE.value: masks}, run.evaluator(), run.init_params(), _SEED.value,
-                                    graft_pairs=(("run", "donor"),) if donor else ())
+    outcomes = study.intervention_table(models, {_SCOPE.value: masks}, run.evaluator, run.init_params(), _SEED.value,
+                                        graft_pairs=(("run", "donor"),) if donor else ())
 
     print(f"{'model':<6} {'intervention':<17} {'mask':<7} {'count':>7} "
           + " ".join(f"{title:>9}" for title, _ in _COLUMNS))
-    for row in rows:
-        print(f"{row['model']:<6} {row['intervention']:<17} {row['mask']:<7} {row['count']:>7} "
-              + " ".join(f"{row.get(key, float('nan')):>9.3f}" for _, key in _COLUMNS))
+    for o in outcomes:
+        print(f"{o.model:<6} {o.label:<17} {o.mask:<7} {o.count:>7} "
+              + " ".join(f"{o.accuracies.get(key, float('nan')):>9.3f}" for _, key in _COLUMNS))
+    rows = [dataclasses.asdict(o) for o in outcomes]
 
     out = _OUT.value or os.path.join(workdir, "interventions.json")
     report = {name: {"workdir": os.path.abspath(path), "step": final, "trace": os.path.abspath(trace_file),
@@ -102,9 +102,7 @@ def main(_):
               "top_fraction": _TOP_FRACTION.value, "seed": _SEED.value, "rows": rows}
     if sharding.is_writer():
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-        os.replace(out + ".tmp", out)
+        cli.atomic_write(out, json.dumps(report, indent=2))
         print(f"wrote {out}")
 
 

@@ -147,9 +147,7 @@ def main(_):
             for gib, shape, op in largest_temporaries(dump_dir, modules[program], _TOP.value):
                 print(f"  {gib:7.3f} GiB  {shape:32s} {op}")
     if _JSON_OUT.value:
-        with open(_JSON_OUT.value + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-        os.replace(_JSON_OUT.value + ".tmp", _JSON_OUT.value)
+        cli.atomic_write(_JSON_OUT.value, json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from factrecall_jax import cli, sharding, study
+from factrecall_jax import cli, configuration, sharding, study
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (created; resumed if it holds runs).", required=True)
@@ -18,9 +18,10 @@ flags.mark_flag_as_required("config")
 
 
 def main(_):
-    sharding.initialize_distributed(_CONFIG.value.distributed)
+    sharding.initialize_distributed(_CONFIG.value.distributed)  # before any other JAX call
+    config = configuration.read(_CONFIG.value, "reproduce")  # before anything is written
     print(f"devices: {jax.devices()}")
-    study.reproduce(_CONFIG.value, _WORKDIR.value)
+    study.reproduce(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,7 @@ def main(_):
         for path in (out, summary_path):
             if os.path.exists(path):
                 raise errors.PathExists(f"{path} already exists; choose another --out, remove it, or pass --overwrite")
-    if not 0 < _TOP_FRACTION.value <= 1:
-        raise errors.InvalidValue(f"--top_fraction={_TOP_FRACTION.value!r} is invalid: expected 0 < top_fraction <= 1")
+    analysis.check_fraction(_TOP_FRACTION.value, "--top_fraction")
     if _NUM_PEOPLE.value < 0:
         raise errors.InvalidValue(f"--num_people={_NUM_PEOPLE.value} is invalid: expected 0 (all) or a positive "
                                   "integer")
@@ -60,9 +59,9 @@ def main(_):
     num_pairs = len(fact_pairs["attribute"])
     print(f"tracing {num_pairs} pairs of {_SPLIT.value} at steps {[e['step'] for e in plan]} of {workdir}")
 
-    combined, records, _ = study.trace_run(run, fact_pairs, num_checkpoints=_NUM_CHECKPOINTS.value,
-                                           chunk_size=_CHUNK_SIZE.value, log=print)
-    _, shared = study.shared_statistics(combined, _TOP_FRACTION.value)
+    combined, records = study.trace_run(run, fact_pairs, num_checkpoints=_NUM_CHECKPOINTS.value,
+                                        chunk_size=_CHUNK_SIZE.value, log=print)
+    shared = study.shared_statistics(study.shared_masks(combined, _TOP_FRACTION.value))
     summary = {
         "workdir": os.path.abspath(workdir),
         "checkpoints": [{"step": e["step"], "learning_rate": e["learning_rate"], "dir": os.path.abspath(e["dir"])}

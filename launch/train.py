@@ -14,7 +14,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from factrecall_jax import cli, experiment, sharding
+from factrecall_jax import cli, configuration, experiment, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (created; resumed if it holds a run).", required=True)
@@ -22,9 +22,10 @@ flags.mark_flag_as_required("config")
 
 
 def main(_):
-    sharding.initialize_distributed(_CONFIG.value.distributed)
+    sharding.initialize_distributed(_CONFIG.value.distributed)  # before any other JAX call
+    config = configuration.read(_CONFIG.value, "train")  # before anything is written
     print(f"devices: {jax.devices()}")
-    final = experiment.train(_CONFIG.value, _WORKDIR.value)
+    final = experiment.train(config, _WORKDIR.value)
     print(json.dumps({k: v for k, v in final.items() if k != "per_attribute"}))
 
 

@@ -1,6 +1,5 @@
 """What a trace returns, and how results combine over checkpoints and go to and from disk."""
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,7 +9,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from factrecall_jax import errors
+from factrecall_jax import cli, errors
 
 
 @flax.struct.dataclass
@@ -59,8 +58,7 @@ def save(result: TraceResult, path: str, metadata: Mapping[str, str] | None = No
     for name in TREE_FIELDS:
         for key_path, x in jax.tree_util.tree_flatten_with_path(getattr(result, name))[0]:
             tensors[f"{name}/{path_name(key_path)}"] = np.asarray(x)
-    safetensors.numpy.save_file(tensors, path + ".tmp", metadata=dict(metadata or {}))
-    os.replace(path + ".tmp", path)
+    cli.atomic_write(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=dict(metadata or {})))
 
 
 def load(path: str, params_like) -> tuple[TraceResult, dict[str, str]]:
