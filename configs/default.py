@@ -93,6 +93,13 @@ def get_config(preset=None):
     # Rows drawn with weight (rank + 1) ** -power of their person, over a seeded order (0: uniform; Zucchet: 0.6-0.8).
     config.people.power = 0.0
 
+    # The paper's protocol in miniature (configs/pretrained_base.py): num_people > 0 first trains a base model
+    # (mixed) on that many other people, drawn with `seed`, and both regimes fine-tune from it. 0: no base.
+    config.base = ml_collections.ConfigDict(dict(num_people=0, seed=1000))
+    # launch.train and launch.reproduce compile the job's programs first and refuse a plan that does not fit one
+    # device (plan.check): limit_gib is that device's memory (0: what the backend reports; a CPU reports none, so the
+    # check is skipped there unless it is set), seq_len the row length the plan assumes (a biography here is 37).
+    config.memory = ml_collections.ConfigDict(dict(limit_gib=0.0, seq_len=64))
     # The device mesh (sharding.make_mesh): sizes of the data, fsdp and tensor axes, -1 for the rest of the devices.
     # Batches split over data x fsdp; parameters and optimizer state by their logical axis names (sharding.RULES).
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -119,6 +126,10 @@ def get_config(preset=None):
     # What the backward pass keeps of each layer (models.layers.REMAT_POLICIES): "none" keeps everything (fastest);
     # "nothing_saveable" recomputes each layer, for models whose activations do not fit (launch.plan measures both).
     config.train.remat = "none"
+    # Rows of a batch are padded up to one of this many lengths of their split (schedules.TokenTable.bucketed), so a
+    # subword tokenizer's varying lengths compile each step a handful of times; the word tokenizer's few lengths are
+    # all buckets, so nothing changes for it. 0: pad each batch to its own longest row.
+    config.train.length_buckets = 3
 
     # launch.reproduce: stage 2 is forked from one stage-1 run at each of these peak learning rates and weight decays
     # (Physics 3.1's fair two-stage, appendix D, sweeps both and reports the best run).

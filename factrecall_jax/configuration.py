@@ -213,6 +213,8 @@ def _train(config):
     tc = config.train
     for name in ("steps_per_call", "eval_every", "checkpoint_every", "eval_batch_size", "grad_accum_steps"):
         _count(config, f"train.{name}")
+    buckets = _get(config, "train.length_buckets")
+    _check(_is_int(buckets) and buckets >= 0, "train.length_buckets", buckets, "0 (off) or a positive integer")
     _check(_is_int(tc.keep_checkpoints) and tc.keep_checkpoints >= 0, "train.keep_checkpoints", tc.keep_checkpoints,
            "0 (keep all) or a positive integer")
     _check(_is_number(tc.bio_value_dropout) and 0 <= tc.bio_value_dropout < 1, "train.bio_value_dropout",
@@ -226,6 +228,32 @@ def _train(config):
         if _is_int(value) and value > 0:
             _check(value % tc.grad_accum_steps == 0, name, value,
                    f"a multiple of train.grad_accum_steps={tc.grad_accum_steps} (the micro-batches of a step)")
+
+
+def _memory(config):
+    fields = {f.name for f in dataclasses.fields(Memory)}
+    section = config.get("memory", {})
+    if unknown := sorted(set(section) - fields):
+        raise errors.InvalidValue(f"memory.{unknown[0]} is not a field of configuration.Memory: expected some of "
+                                  f"{', '.join(sorted(fields))}")
+    limit = section.get("limit_gib", 0.0)
+    _check(_is_nonnegative(limit), "memory.limit_gib", limit, "0 (the device's own) or a number of GiB")
+    seq_len = section.get("seq_len", Memory.seq_len)
+    _check(_is_int(seq_len) and seq_len >= 2, "memory.seq_len", seq_len, "an integer >= 2")
+
+
+def _base(config):
+    section = config.get("base", {})
+    if unknown := sorted(set(section) - {f.name for f in dataclasses.fields(Base)}):
+        raise errors.InvalidValue(f"base.{unknown[0]} is not a field of configuration.Base: expected num_people, seed")
+    people, seed = section.get("num_people", 0), section.get("seed", Base.seed)
+    _check(_is_int(people) and people >= 0, "base.num_people", people, "0 (no base) or a number of people")
+    _check(_is_int(seed) and seed >= 0 and seed != config.seed, "base.seed", seed,
+           f"an integer >= 0 other than config.seed={config.seed} (the base's people are another population)")
+    if people:
+        _check(not config.init_from, "init_from", config.init_from,
+               '"" with a base: the base is the checkpoint both regimes start from')
+        data.DatasetConfig(**{**config.data, "num_people": people, "seed": seed})
 
 
 def _study(config):
@@ -255,8 +283,8 @@ def _study(config):
 
 
 _JOBS = {"data": (_data, _tokenizer)}
-_JOBS["train"] = (*_JOBS["data"], _schedules, _people, _optimizers, _mesh, _model, _train)
-_JOBS["reproduce"] = (*_JOBS["train"], _study)
+_JOBS["train"] = (*_JOBS["data"], _schedules, _people, _optimizers, _mesh, _model, _train, _memory)
+_JOBS["reproduce"] = (*_JOBS["train"], _study, _base)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -299,6 +327,7 @@ class Train:
     keep_checkpoints: int
     tensorboard: bool
     remat: str
+    length_buckets: int = 0  # a config.json written before buckets pads each batch to its own longest row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,9 +348,26 @@ class Trace:
     save_sums: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class Base:
+    """The paper's protocol in miniature (study.pretrained_base): first a base model trained (mixed) on its own
+    population of num_people people drawn with `seed`, disjoint from the study's; both regimes then fine-tune from it.
+    num_people 0: no base, both regimes start from the seeded random init (or init_from)."""
+    num_people: int = 0
+    seed: int = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """The memory check before a run (`plan.check`): the memory of one device in GiB (0: what the backend reports;
+    a CPU reports none, so the check is skipped there unless this is set) and the row length the plan assumes."""
+    limit_gib: float = 0.0
+    seq_len: int = 256
+
+
 _SECTIONS = {"data": data.DatasetConfig, "optimizer": train_lib.OptimizerConfig, "mixed": Mixed,
              "two_stage": TwoStage, "people": schedules.PeopleSampling, "train": Train, "reproduce": Reproduce,
-             "trace": Trace}
+             "trace": Trace, "memory": Memory, "base": Base}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,6 +392,8 @@ class RunConfig:
     train: Train
     reproduce: Reproduce
     trace: Trace
+    memory: Memory
+    base: Base
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "RunConfig":
@@ -379,7 +427,8 @@ class RunConfig:
         for name, value in dotted.items():
             section, _, field = name.partition(".")
             if field:
-                value = dataclasses.replace(getattr(config, section), **{field: value})
+                old = getattr(config, section)
+                value = {**old, field: value} if isinstance(old, Mapping) else dataclasses.replace(old, **{field: value})
             config = dataclasses.replace(config, **{section: value})
         return config
 

@@ -159,15 +159,17 @@ class Run:
     def _agreeing(self, checkpoint_config: dict) -> dict:
         """The checkpoint's config.json, once config.model is found not to contradict it (the checkpoint's
         architecture is what trains, and config.json records config.model) and the tokenizer to fit its vocabulary."""
-        c = self.given
+        c, problems = self.given, []
+        if (vocab := len(self.tokenizer)) > checkpoint_config["vocab_size"]:  # an id past the embedding reads NaN
+            problems.append(f"tokenizer={c.tokenizer!r} has {vocab} tokens, more than the "
+                            f"{checkpoint_config['vocab_size']} of the vocabulary of init_from={c.init_from!r}: use "
+                            "the checkpoint's own tokenizer")
         if clashes := [f"model.{k}={v!r} (the checkpoint's: {checkpoint_config[k]!r})" for k, v in c.model.items()
                        if k in checkpoint_config and checkpoint_config[k] != v]:
-            raise errors.InvalidValue(f"config.model disagrees with init_from={c.init_from!r}: {', '.join(clashes)}; "
-                                      "make config.model agree with the checkpoint's config.json, or leave it out")
-        if (vocab := len(self.tokenizer)) > checkpoint_config["vocab_size"]:  # an id past the embedding reads NaN
-            raise errors.InvalidValue(
-                f"tokenizer={c.tokenizer!r} has {vocab} tokens, more than the {checkpoint_config['vocab_size']} of "
-                f"the vocabulary of init_from={c.init_from!r}: use the checkpoint's own tokenizer")
+            problems.append(f"config.model disagrees with init_from={c.init_from!r}: {', '.join(clashes)}; make "
+                            "config.model agree with the checkpoint's config.json, or leave it out")
+        if problems:
+            raise errors.InvalidValue("; ".join(problems))
         return checkpoint_config
 
 
@@ -237,6 +239,7 @@ def train(config, workdir: str, *, until_step: int | None = None, log=print) -> 
     `until_step` stops early (a stage-1-only run, or a test's interrupted run).
     """
     run = Run(configuration.read(config), workdir)
+    run.model_config  # init_from and the tokenizer checked against each other before anything is written
     write_config(run.config, workdir)
     phases = schedule(run.config)
     starts = schedules.phase_starts(phases)
@@ -321,7 +324,7 @@ def _train_phase(run: Run, phases, index, state, stop, checkpoints, metrics_log,
         run.graphdef, tx, lr_fn, task_weights=dict(tc.task_weights), grad_accum_steps=tc.grad_accum_steps), run.mesh)
     for end in _chunk_ends(step, min(starts[index + 1], stop), [tc.steps_per_call, tc.eval_every, tc.checkpoint_every]):
         batches = schedules.phase_batches(phases, index, step - starts[index], end - starts[index], run.tables,
-                                          config.seed, tc.bio_value_dropout)
+                                          config.seed, tc.bio_value_dropout, tc.length_buckets)
         state, metrics = steps_fn(state, _feed(batches, run.mesh))
         metrics = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
         if not np.isfinite(metrics["loss"]):

@@ -141,7 +141,13 @@ def findings(summary: dict, setting: dict) -> str:
     setting: {"augmentations" (`augmentations`), "qa_token_share" (of a mixed step's tokens), "qa_loss"} of the runs.
     """
     mixed, fair, sweep = summary["mixed"], summary["two_stage"], summary["two_stage_sweep"]
-    text = (f"Mixed training (QA {setting['qa_token_share']:.0%} of the training tokens, QA loss on "
+    text = ""
+    if base := summary.get("base"):
+        text += (f"Both regimes fine-tune one base model, trained (mixed) on {base['num_people']} other people, "
+                 f"which answers {base['qa_test_accuracy']:.1%} of the questions about its own held-out people "
+                 f"(in-distribution {base['qa_train_accuracy']:.1%}, BIO recall {base['bio_accuracy']:.1%}): the "
+                 "paper's protocol, one pretrained model fine-tuned both ways. ")
+    text += (f"Mixed training (QA {setting['qa_token_share']:.0%} of the training tokens, QA loss on "
             f"{'the whole question and answer' if setting['qa_loss'] == 'all' else 'the answer'}) answers "
             f"{mixed['qa_test_accuracy']:.1%} of the questions about held-out people ({_parts(mixed)}; "
             f"in-distribution {mixed['qa_train_accuracy']:.1%}, BIO recall {mixed['bio_accuracy']:.1%}). ")

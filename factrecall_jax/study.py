@@ -15,8 +15,8 @@ import numpy as np
 import safetensors
 from flax import nnx
 
-from factrecall_jax import (analysis, checkpoint, cli, configuration, errors, evaluate, experiment, interventions,
-                            metrics, report, representations, sharding, trace)
+from factrecall_jax import (analysis, checkpoint, cli, configuration, data, errors, evaluate, experiment,
+                            interventions, metrics, models, report, representations, sharding, trace)
 from factrecall_jax.data import pairs as pairs_lib, schedules
 from factrecall_jax.interventions import Outcome
 
@@ -52,9 +52,9 @@ def checkpoint_plan(workdir: str, num_checkpoints: int) -> list[dict]:
     return plan
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1))
+@functools.partial(jax.jit, donate_argnums=0)
 def _add_weighted(total: trace.TraceResult, result: trace.TraceResult, weight) -> trace.TraceResult:
-    """total + weight * result, in place of both (TracInCP without a third parameter-sized copy)."""
+    """total + weight * result, in place of total (TracInCP without a third parameter-sized copy)."""
     return jax.tree.map(lambda t, r: t + weight * r, total, result)
 
 
@@ -260,6 +260,32 @@ def _stage2_name(lr: float, weight_decay: float) -> str:
     return f"two_stage/stage2_lr{lr:g}_wd{weight_decay:g}"
 
 
+def pretrained_base(config: configuration.RunConfig, base_dir: str, log=print) -> configuration.RunConfig:
+    """The paper's protocol in miniature: a base model trained (mixed) on config.base's own people, saved once as a
+    Hugging Face folder with a word tokenizer that knows both populations; returns `config` fine-tuning from it
+    (init_from and tokenizer the base's). The paper fine-tunes one pretrained model both ways, which is what lets
+    grafting one regime's shared parameters into the other transfer recall. Started again, the base is reused."""
+    hf_dir, tokenizer_dir = os.path.join(base_dir, "hf"), os.path.join(base_dir, "tokenizer")
+    base_data = dataclasses.replace(config.data, num_people=config.base.num_people, seed=config.base.seed)
+    if config.tokenizer == "word" and not os.path.isdir(tokenizer_dir):
+        both = [data.build_dataset(c) for c in (config.data, base_data)]
+        tokenizer = data.train_word_tokenizer({f"{name}_{i}": split for i, d in enumerate(both)
+                                               for name, split in d.items()})
+        if sharding.is_writer():
+            with cli.atomic_output_dir(tokenizer_dir) as tmp:
+                tokenizer.save_pretrained(tmp)
+    tokenizer = tokenizer_dir if config.tokenizer == "word" else config.tokenizer
+    base = config.replace(schedule="mixed", seed=config.base.seed, data=base_data, tokenizer=tokenizer)
+    log(f"== base: mixed on {config.base.num_people} other people (seed {config.base.seed})")
+    final = experiment.train(base, os.path.join(base_dir, "run"), log=log)
+    log(f"base: held-out {final['qa_test_accuracy']:.3f}, in-distribution {final['qa_train_accuracy']:.3f}, BIO "
+        f"{final['bio_accuracy']:.3f}")
+    if not os.path.isdir(hf_dir) and sharding.is_writer():
+        with cli.atomic_output_dir(hf_dir) as tmp:
+            models.save_pretrained(experiment.Run.load(os.path.join(base_dir, "run")).model(), tmp)
+    return config.replace(init_from=hf_dir, tokenizer=tokenizer, model={})
+
+
 def reproduce(config, workdir: str, log=print) -> dict:
     """The main job: mixed and two-stage from one init, stage 2 forked at each `config.reproduce` learning rate and
     weight decay; then the trace, shared parameters, interventions and consistency of mixed and the fairest two-stage
@@ -268,6 +294,10 @@ def reproduce(config, workdir: str, log=print) -> dict:
     start = time.perf_counter()
     config = configuration.read(config, "reproduce")  # before the work directory exists
     experiment.write_config(config, workdir)
+    base = None
+    if config.base.num_people:
+        config = pretrained_base(config, os.path.join(workdir, "base"), log)
+        base = experiment.load_config(os.path.join(workdir, "base", "run"))
     runs = {}
 
     def run(name, run_config, **kw):
@@ -291,6 +321,8 @@ def reproduce(config, workdir: str, log=print) -> dict:
     inspected = fairest or max(sweep, key=lambda e: e["qa_test_accuracy"])
     stage2_dir = runs[_stage2_name(inspected["stage2_lr"], inspected["stage2_weight_decay"])]
     summary = {"mixed": mixed, "two_stage": fairest, "two_stage_sweep": sweep, "two_stage_after_stage1": stage1,
+               **({} if base is None else {"base": metrics.read_metrics(os.path.join(
+                   workdir, "base", "run", "metrics.jsonl"))[-1]["eval"] | {"num_people": base.data.num_people}}),
                **mechanisms({"mixed": runs["mixed"], "two_stage": stage2_dir}, os.path.join(workdir, "trace"),
                             config.trace, seed=config.seed, log=log),
                "wall_seconds": time.perf_counter() - start}

@@ -10,10 +10,12 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from factrecall_jax import cli, configuration, sharding, study
+from factrecall_jax import cli, configuration, plan, sharding, study
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/default.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (created; resumed if it holds runs).", required=True)
+_SKIP_MEMORY_CHECK = flags.DEFINE_bool("skip_memory_check", False, "Start without compiling the plan against the "
+                                       "device's memory first (plan.check).")
 flags.mark_flag_as_required("config")
 
 
@@ -21,6 +23,8 @@ def main(_):
     sharding.initialize_distributed(_CONFIG.value.distributed)  # before any other JAX call
     config = configuration.read(_CONFIG.value, "reproduce")  # before anything is written
     print(f"devices: {jax.devices()}")
+    if not _SKIP_MEMORY_CHECK.value:
+        plan.check(config, "reproduce")  # before any weight is read
     study.reproduce(config, _WORKDIR.value)
 
 

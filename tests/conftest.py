@@ -33,6 +33,20 @@ def config_file(name: str, *args):
     return module.get_config(*args)
 
 
+def override(config, **fields):
+    """A copy of a ConfigDict with dotted fields replaced ("two_stage.fork_from": ...), as a command line's
+    --config.x.y overrides do (the library reads configs as configuration.RunConfig, whose `replace` does this)."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for dotted, value in fields.items():
+            *parents, name = dotted.split(".")
+            node = config
+            for parent in parents:
+                node = node[parent]
+            node[name] = value
+    return config
+
+
 def tiny_run_config(**mesh):
     """The tiny preset, 8 mixed steps with checkpoints at 4 and 8, on a mesh of the given axis sizes."""
     config = config_file("default.py", "tiny")

@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_run_config
-from factrecall_jax import checkpoint, experiment, metrics, models, sharding, train, trace
+from factrecall_jax import checkpoint, configuration, experiment, metrics, models, sharding, train, trace
 from factrecall_jax.data import schedules
 from factrecall_jax.trace import xla
 
@@ -198,6 +198,7 @@ def test_token_share_rows_split_over_the_batch_devices(mesh):
     """mixed.qa_token_share picks a QA batch the batch axes (data x fsdp) divide, so the mesh can split it."""
     config = tiny_run_config(**dict(zip(sharding.MESH_AXES, mesh)))
     config.mixed.qa_token_share = 0.8
+    config = configuration.read(config)
     tokenized, tokenizer = experiment.load_data(config)
     resolved = experiment.resolve_batches(config, schedules.token_tables(tokenized, tokenizer.pad_token_id))
     assert resolved.mixed.qa_batch % (mesh[0] * mesh[1]) == 0 and resolved.mixed.qa_batch > config.mixed.bio_batch
@@ -264,7 +265,7 @@ def test_train_state_initialized_on_the_mesh_equals_one_device():
     """experiment.Run.init_state creates the AdamW moments where their shards live (a jitted init with the state's
     layout), equal to the one-device state."""
     config = tiny_run_config(data=1, fsdp=8)
-    run = experiment.Run(config)
+    run = experiment.Run(configuration.read(config))
     tx = experiment.phase_optimizer(experiment.schedule(run.config), 0)[0]
     state = run.init_state(run.init_params(), tx)
     expected = train.init_state(jax.device_get(run.init_params()), tx)

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file
 
 from conftest import config_file
 from test_data import save_bpe
-from factrecall_jax import data, evaluate, experiment, models, report
+from factrecall_jax import checkpoint, data, evaluate, experiment, models, report
 from factrecall_jax.data import schedules
 
 torch = pytest.importorskip("torch")
@@ -146,7 +146,9 @@ def finetuned(tmp_path_factory):
     workdir = str(root / "job")
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "launch.reproduce", *JOB_FLAGS, f"--config.init_from={checkpoint_dir}",
-                           f"--config.tokenizer={tokenizer_dir}", f"--workdir={workdir}"], cwd=REPO,
+                           f"--config.tokenizer={tokenizer_dir}", "--config.model.model_type=gpt_neox",
+                           "--config.model.initializer_range=0.1",  # config.model must not contradict the checkpoint
+                           f"--workdir={workdir}"], cwd=REPO,
                           env={**os.environ, **JOB_ENV}, capture_output=True, text=True, timeout=900)
     wall = time.perf_counter() - start
     assert done.returncode == 0, done.stderr[-5000:]
@@ -225,7 +227,7 @@ def test_finetuning_lowers_the_loss_and_exports(finetuned):
     checkpoint it started from, and the accuracies the summary reports."""
     tokenizer, dataset = finetuned["tokenizer"], finetuned["dataset"]
     run_dir = os.path.join(finetuned["workdir"], "mixed")
-    assert experiment.checkpoint_steps(run_dir)[-1] == finetuned["config"].mixed.steps
+    assert checkpoint.saved_steps(run_dir)[-1] == finetuned["config"].mixed.steps
     run = experiment.Run.load(run_dir)
     out = os.path.join(finetuned["workdir"], "exported")
     models.save_pretrained(nnx.merge(run.graphdef, run.params()), out)
@@ -271,13 +273,12 @@ def test_job_reports_both_regimes_and_looks_inside(finetuned):
             assert np.all(np.isfinite(rep["subject"] + rep["answer"]))
 
     # interventions: the unablated rows are the trained models, shared and random masks of equal counts
-    rows = {(r["model"], r["intervention"], r["scope"], r["mask"]): r for r in summary["interventions"]}
+    rows = {(r["model"], r["kind"], r["scope"], r["mask"]): r for r in summary["interventions"]}
     assert len(rows) == len(summary["interventions"]) == 2 + 2 * 10
     for key in ("qa_train_accuracy", "qa_test_accuracy", "bio_accuracy"):
-        assert rows["mixed", "none", "-", "-"][key] == summary["mixed"][key]
+        assert rows["mixed", "none", "-", "-"]["accuracies"][key] == summary["mixed"][key]
     for scope in ("global", "tensor"):
-        assert rows["mixed", "ablate to zero", scope, "shared"]["count"] == \
-            rows["mixed", "ablate to zero", scope, "random"]["count"] > 0
+        assert rows["mixed", "ablate", scope, "shared"]["count"] == rows["mixed", "ablate", scope, "random"]["count"] > 0
 
     with open(os.path.join(workdir, "report.md"), encoding="utf-8") as f:
         text = f.read()

@@ -41,7 +41,7 @@ def run(tmp_path_factory):
         run = experiment.Run.load(workdir)
         fact_pairs = pairs_lib.fact_pairs(run.tokenized, run.tokenizer.pad_token_id, "qa_train", 4,
                                           seed=run.config.seed)
-        direct = study.trace_run(run, fact_pairs, num_checkpoints=2, chunk_size=8, log=lambda *_: None)[:2]
+        direct = study.trace_run(run, fact_pairs, num_checkpoints=2, chunk_size=8, log=lambda *_: None)
         stdout, stderr = process.communicate(timeout=600)
     finally:
         process.kill()
@@ -66,7 +66,7 @@ def test_trace_writes_what_a_direct_trace_computes(run):
     for got, want in zip(summary["gradient_consistency"], records):
         assert got["step"] == want["step"]
         np.testing.assert_allclose(got["mean"], want["gradient_consistency"]["mean"], rtol=1e-5)
-    stats = study.shared_statistics(direct, 0.01)[1]
+    stats = study.shared_statistics(study.shared_masks(direct, 0.01))
     assert set(summary["shared"]) == set(analysis.SCOPES)
     for scope in analysis.SCOPES:
         assert set(summary["shared"][scope]) == set(analysis.RULES)
@@ -103,24 +103,22 @@ def test_intervene_table(run, tmp_path):
     rows = report["rows"]
 
     accuracies = {k: v for k, v in final.items() if k.endswith("_accuracy")}
-    none = [r for r in rows if r["model"] == "run" and r["intervention"] == "none"]
+    none = [r for r in rows if r["model"] == "run" and r["kind"] == "none"]
     assert len(none) == 1 and none[0]["count"] == 0
-    assert {k: v for k, v in none[0].items() if k.endswith("_accuracy")} == accuracies
+    assert none[0]["accuracies"] == accuracies
 
     params_like = experiment.Run.load(workdir).abstract_params
     result, _ = trace.load(os.path.join(workdir, "trace.safetensors"), params_like)
     expected = int(sum(np.count_nonzero(x) for x in jax.tree.leaves(analysis.shared_parameters(result, 0.01))))
     assert expected > 0
-    by_key = {(r["model"], r["intervention"], r["mask"]): r for r in rows}
+    by_key = {(r["model"], r["kind"], r["mask"]): r for r in rows}
     assert len(by_key) == len(rows) == 12  # run and donor: none and 4 ablations each; 2 grafts
     for model in ("run", "donor"):
-        for intervention in ("ablate to zero", "reset to init"):
-            assert by_key[model, intervention, "shared"]["count"] == by_key[model, intervention, "random"]["count"] \
-                == expected
-    assert by_key["run", "graft from donor", "shared"]["count"] == \
-        by_key["run", "graft from donor", "random"]["count"] == expected
+        for kind in ("ablate", "reset"):
+            assert by_key[model, kind, "shared"]["count"] == by_key[model, kind, "random"]["count"] == expected
+    assert by_key["run", "graft", "shared"]["count"] == by_key["run", "graft", "random"]["count"] == expected
     for row in rows:
-        assert set(accuracies) <= set(row) and all(0 <= row[k] <= 1 for k in accuracies)
+        assert set(row["accuracies"]) == set(accuracies) and all(0 <= v <= 1 for v in row["accuracies"].values())
 
 
 @pytest.mark.parametrize("args, message", [
@@ -156,3 +154,30 @@ def test_benchmark_trace_figures_parity_and_profile(tmp_path):
     assert set(figures["profiles"]["lean"]["parts"]) <= {"forward and backward", "per-example gradients, their sums "
                                                           "and dots", "Gram dots", "everything else"}
     assert list(profiles.glob("default/lean/**/*.xplane.pb"))
+
+
+def test_benchmark_trace_on_a_checkpoint_folder(hf_checkpoints, tmp_path):
+    """--model=DIR runs every row on the folder's weights (tied Llama), keyed by the folder's name: the torch peers,
+    which load the same folder, agree with the lean trace."""
+    checkpoint = hf_checkpoints("llama3_tied")
+    out = tmp_path / "bench.json"
+    done = launch("benchmark_trace", f"--model={checkpoint.path}", "--pairs=4", "--seq_len=8", "--chunk_size=2",
+                  "--repeats=1", f"--json_out={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert list(figures) == [os.path.basename(checkpoint.path)]
+    figures = figures[os.path.basename(checkpoint.path)]
+    assert figures["params"] == sum(p.numel() for p in checkpoint.model.parameters())
+    for key in ("train_step_s", "lean_trace_s", "pair_stats_s", "reference_trace_s", "torch_func_s", "opacus_s"):
+        assert figures[key] > 0, key
+    for key in ("pair_stats_parity_max_rel", "torch_parity_max_rel", "opacus_parity_max_rel"):
+        assert figures[key] < 1e-4, key
+
+
+@pytest.mark.parametrize("model", ["{tmp}/missing", "{tmp}/file.txt"])
+def test_benchmark_trace_refuses_a_model_that_is_not_a_folder(tmp_path, model):
+    (tmp_path / "file.txt").write_text("not a checkpoint")
+    out = tmp_path / "bench.json"
+    done = launch("benchmark_trace", f"--model={model.format(tmp=tmp_path)}", f"--json_out={out}")
+    one_line_error(done, "is not a folder")
+    assert not out.exists()

@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
-from factrecall_jax import experiment, report
+from conftest import config_file, override
+from factrecall_jax import configuration, data, experiment, report, study
 from factrecall_jax.data import schedules
 from factrecall_jax.evaluate import COMPOSED_KEY, ONE_HOP_KEY
 
@@ -61,7 +64,7 @@ def _assert_figures(workdir, *names):
 def test_reproduce_looks_inside_both_regimes(reproduced):
     workdir, summary, _ = reproduced
     config = experiment.load_config(workdir)
-    phases = experiment.schedule(experiment.override(config, schedule="two_stage"))
+    phases = experiment.schedule(config.replace(schedule="two_stage"))
     # TracInCP weights: the learning rate of the update that produced each checkpoint; two-stage spans both stages
     assert [c["step"] for c in summary["trace"]["mixed"]["checkpoints"]] == [8, 16, 24]
     stage1_lr = experiment.phase_optimizer(phases, 0)[1]
@@ -69,16 +72,15 @@ def test_reproduce_looks_inside_both_regimes(reproduced):
     assert [c["step"] for c in two_stage] == [8, 16, 24]
     assert [c["learning_rate"] for c in two_stage[:2]] == pytest.approx([float(stage1_lr(7)), float(stage1_lr(15))])
     assert summary["trace"]["two_stage"]["stage2_lr"] in [e["stage2_lr"] for e in summary["two_stage_sweep"]]
-    rows = {(r["model"], r["intervention"], r["scope"], r["mask"]): r for r in summary["interventions"]}
+    rows = {(r["model"], r["kind"], r["scope"], r["mask"]): r for r in summary["interventions"]}
     assert len(rows) == len(summary["interventions"]) == 2 + 2 * 10  # none; per scope 4 ablations each, 2 grafts
     for key in ("qa_train_accuracy", "qa_test_accuracy", "bio_accuracy"):
-        assert rows["mixed", "none", "-", "-"][key] == summary["mixed"][key]  # the unablated model is the trained one
+        assert rows["mixed", "none", "-", "-"]["accuracies"][key] == summary["mixed"][key]  # the trained model
     for scope in ("global", "tensor"):
-        for model, intervention in [("mixed", "ablate to zero"), ("two_stage", "reset to init"),
-                                    ("two_stage", "graft from mixed")]:
-            assert rows[model, intervention, scope, "shared"]["count"] == \
-                rows[model, intervention, scope, "random"]["count"] > 0
-        assert rows["two_stage", "graft from mixed", scope, "shared"]["count"] == \
+        for model, kind in [("mixed", "ablate"), ("two_stage", "reset"), ("two_stage", "graft")]:
+            assert rows[model, kind, scope, "shared"]["count"] == rows[model, kind, scope, "random"]["count"] > 0
+        assert rows["two_stage", "graft", scope, "shared"]["donor"] == "mixed"
+        assert rows["two_stage", "graft", scope, "shared"]["count"] == \
             summary["trace"]["mixed"]["shared"][scope]["intersection"]["total"]["count"]
     # ranked within each tensor, every layer's tensors hold shared parameters, not only the largest-gradient ones
     per_tensor = summary["trace"]["mixed"]["shared"]["tensor"]["intersection"]
@@ -108,6 +110,7 @@ def test_reproduce_again_resumes_every_run(reproduced):
     done = launch("reproduce", TINY, f"--workdir={workdir}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("resumed") == 2 + len(summary["two_stage_sweep"])
+    assert done.stdout.count("read back from") == 2 and "traced step" not in done.stdout  # a finished trace is kept
     with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
         again = json.load(f)
     assert {k: v for k, v in again.items() if k != "wall_seconds"} == \
@@ -149,6 +152,9 @@ def test_train_rejects_a_tokenizer_larger_than_the_checkpoint_vocabulary(tmp_pat
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: tokenizer='word' has ") and "more than the 128 of the vocabulary" in last
+    # and config.model (the tiny Llama) is not the checkpoint's architecture: both are named, nothing is trained
+    assert "config.model disagrees with init_from=" in last and "model.model_type='llama' (the checkpoint's: " \
+        "'gpt_neox')" in last
     assert not (tmp_path / "run").exists()
 
 
@@ -201,3 +207,55 @@ def test_report_gives_held_out_parts_and_reads_the_composition():
 def test_chunk_ends_stop_at_every_boundary():
     assert experiment._chunk_ends(0, 12, [5, 8]) == [5, 8, 10, 12]
     assert experiment._chunk_ends(8, 30, [10, 25]) == [10, 20, 25, 30]
+
+
+def test_memory_check_refuses_a_plan_over_the_limit_before_writing_anything(tmp_path):
+    """The plan is compiled before anything is read or written: over config.memory.limit_gib, one line naming the
+    program, its size, the limit and what would fit, exit status 2 and no work directory; under it, a line that
+    says it fits, and the run trains."""
+    workdir = tmp_path / "run"
+    done = launch("train", TINY, f"--workdir={workdir}", "--config.memory.limit_gib=0.001")
+    assert done.returncode == 2, done.stderr[-3000:]
+    printed = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(printed) == 1 and printed[0].startswith("error: memory check: train_step (mixed: 8 BIO + 8 QA) needs "), \
+        done.stderr[-3000:]
+    assert "more than the 0.001 GiB of one device (config.memory.limit_gib; rows of 64 tokens" in printed[0]
+    assert not workdir.exists() and os.listdir(tmp_path) == []
+    done = launch("train", TINY, f"--workdir={workdir}", "--config.memory.limit_gib=4", "--config.mixed.steps=4",
+                  "--config.train.eval_every=4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "memory check: fits; the largest program, train_step (mixed: 8 BIO + 8 QA), needs " in done.stdout
+    assert os.path.exists(workdir / "metrics.jsonl")
+
+
+def test_evaluate_a_configs_model_zero_shot(tmp_path):
+    """--config evaluates the model a run would start from (here a random init): no work directory needed."""
+    out = tmp_path / "zero_shot.json"
+    done = launch("evaluate", TINY, f"--out={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "zero-shot: a random init of config.model" in done.stdout and "qa_test" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["step"] == 0 and 0 <= result["qa_test_accuracy"] <= 0.05  # a random model answers nothing
+    done = launch("evaluate", TINY, f"--workdir={tmp_path}")
+    assert done.returncode == 2 and "give --workdir (a trained run) or --config" in done.stderr
+
+
+def test_pretrained_base_is_trained_once_and_both_regimes_start_from_it(tmp_path):
+    """configs/pretrained_base.py's protocol (study.pretrained_base): a base trained on other people, saved with a
+    tokenizer that knows both populations; a fine-tuning run starts from its final weights exactly."""
+    config = configuration.read(override(config_file("pretrained_base.py", "tiny"), **{
+        "mixed.steps": 8, "train.eval_every": 8, "train.checkpoint_every": 8}), "reproduce")
+    base_dir = str(tmp_path / "base")
+    tuned = study.pretrained_base(config, base_dir, log=lambda *_: None)
+    assert (tuned.init_from, tuned.tokenizer) == (os.path.join(base_dir, "hf"), os.path.join(base_dir, "tokenizer"))
+    tokenizer = data.load_tokenizer(tuned.tokenizer)
+    base_run = experiment.Run.load(os.path.join(base_dir, "run"))
+    names = {which: {p.name for p in data.sample_people(c.num_people, c.seed)}
+             for which, c in (("study", config.data), ("base", base_run.given.data))}
+    assert base_run.given.data.seed == 1000 and not names["study"] & names["base"]  # two populations
+    assert all(tokenizer.unk_token_id not in tokenizer(n)["input_ids"] for n in names["study"] | names["base"])
+    start = experiment.Run(tuned).init_params()
+    for got, want in zip(jax.tree.leaves(start), jax.tree.leaves(base_run.params())):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    again = study.pretrained_base(config, base_dir, log=lambda *a: None)  # a resumed job reuses the base
+    assert again == tuned and experiment.load_config(os.path.join(base_dir, "run")) == base_run.given

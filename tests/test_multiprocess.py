@@ -69,7 +69,7 @@ def test_checkpoints_saved_across_processes_restore_on_one_device(two_process_ru
 def test_trace_gathered_and_saved_by_process_0_equals_one_device(two_process_run, one_device_run):
     run = experiment.Run.load(one_device_run)
     pairs = pairs_lib.fact_pairs(run.tokenized, run.tokenizer.pad_token_id, "qa_train", 4, seed=run.config.seed)
-    expected, records, _ = study.trace_run(run, pairs, num_checkpoints=2, chunk_size=4, log=lambda *_: None)
+    expected, records = study.trace_run(run, pairs, num_checkpoints=2, chunk_size=4, log=lambda *_: None)
     saved, metadata = trace.load(os.path.join(two_process_run, "trace.safetensors"), run.abstract_params)
     assert [r["step"] for r in json.loads(metadata["checkpoints"])] == [r["step"] for r in records] == [4, 8]
     for field in ("bio_abs", "qa_abs", "cross", "pair_dot", "bio_sq_norm", "qa_sq_norm", "layer_pair_dot"):

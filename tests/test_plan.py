@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from conftest import config_file
-from factrecall_jax import experiment, models, sharding
+from factrecall_jax import configuration, experiment, models, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES, SEQ_LEN = 8, 16
@@ -31,7 +31,7 @@ def plan(tmp_path_factory):
 
 def shard_bytes_per_device(config):
     """(bytes of one device's shard of every parameter on fsdp 8, from the shard shapes rather than XLA; leaves)."""
-    vocab = len(experiment.load_data(config)[1])
+    vocab = len(experiment.load_data(configuration.read(config))[1])
     model = nnx.eval_shape(lambda: models.from_config({**config.model.to_dict(), "vocab_size": vocab}))
     mesh = jax.sharding.AbstractMesh((1, DEVICES, 1), sharding.MESH_AXES)
     total, leaves = 0, nnx.to_flat_state(nnx.state(model, nnx.Param))

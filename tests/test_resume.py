@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import config_file
-from factrecall_jax import experiment, train
+from factrecall_jax import configuration, experiment, train
 from factrecall_jax.checkpoint import Checkpoints
 
 STEPS = 24  # mixed steps; two_stage: 12 + 12
@@ -33,7 +33,7 @@ def tiny_config(schedule="mixed"):
 @pytest.fixture(scope="module")
 def template():
     """A TrainState with the structure every checkpoint of the tiny config has (any phase's optimizer state)."""
-    run = experiment.Run(tiny_config())
+    run = experiment.Run(configuration.read(tiny_config()))
     phase = experiment.schedule(run.config)[0]
     return run.abstract_state(train.make_optimizer(phase.optimizer, phase.steps))
 

@@ -4,6 +4,7 @@ import collections
 import ctypes
 import gc
 import glob
+import math
 import os
 import re
 import statistics
@@ -33,14 +34,14 @@ def peak_bytes(compiled) -> int:
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
-def measure_jax(fn, args, repeats: int, run: bool = True) -> dict:
-    """{"peak_bytes", "compile_s", "seconds", "output", "compiled", "args"} of jax.jit(fn) on args (seconds and output
-    None when not run)."""
+def measure_jax(fn, args, repeats: int, max_peak: float = math.inf) -> dict:
+    """{"peak_bytes", "compile_s", "seconds", "output", "compiled", "args"} of jax.jit(fn) on args, run only where its
+    compiled peak is at most `max_peak` bytes (seconds and output None where not run)."""
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     r = {"peak_bytes": peak_bytes(compiled), "compile_s": time.perf_counter() - start, "seconds": None,
          "output": None, "compiled": compiled, "args": args}
-    if run:
+    if r["peak_bytes"] <= max_peak:
         r["seconds"], r["output"] = timed(lambda: jax.block_until_ready(compiled(*args)), repeats)
     return r
 

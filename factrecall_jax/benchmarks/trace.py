@@ -11,6 +11,7 @@ Every variant sees the same `pairs` BIO and `pairs` QA rows of `seq_len` random 
   torch.func and opacus: torch_peers on the same weights in transformers.
 The pair dots of every variant are checked against the lean trace's, relative to |g_bio| |g_qa|.
 """
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -185,8 +186,8 @@ def benchmark(name: str, model: nnx.Module, *, folder: str | None = None, pairs:
 
     results = {}
 
-    def jax_variant(variant, fn, args, run=True):
-        results[variant] = r = measure.measure_jax(fn, args, repeats, run=run)
+    def jax_variant(variant, fn, args, max_peak=math.inf):
+        results[variant] = r = measure.measure_jax(fn, args, repeats, max_peak)
         t = "not run" if r["seconds"] is None else f"{r['seconds']:.3f} s"
         print(f"  {variant} {t} (peak {r['peak_bytes'] / 2**30:.2f} GiB)", flush=True)
         return r
@@ -205,9 +206,8 @@ def benchmark(name: str, model: nnx.Module, *, folder: str | None = None, pairs:
     stats = jax_variant("pair stats", lambda p, b, q: stats_fn(p, rest, b, q), (params, bio, qa))["output"]
     parity = {"pair stats": _parity("pair stats", stats.pair_dot, lean, dtype)}
     ref = trace.jit_trace(loss, graphdef, method="reference", chunk_size=pairs)
-    ref_fn = lambda p, b, q: ref(p, rest, b, q)  # noqa: E731
-    ref_peak = measure.peak_bytes(jax.jit(ref_fn).lower(params, bio, qa).compile())
-    r = jax_variant("reference", ref_fn, (params, bio, qa), run=run_reference and ref_peak <= memory_limit)
+    r = jax_variant("reference", lambda p, b, q: ref(p, rest, b, q), (params, bio, qa),
+                    max_peak=memory_limit if run_reference else 0)  # 0: compiled, never run
     if r["seconds"] is not None:
         parity["reference"] = _parity("reference", r["output"].pair_dot, lean, dtype)
 
@@ -223,7 +223,7 @@ def benchmark(name: str, model: nnx.Module, *, folder: str | None = None, pairs:
     sweep = {}
     for c in sorted(set(sweep_chunks)):
         fn = trace.jit_trace(loss, graphdef, chunk_size=c)
-        r = measure.measure_jax(lambda p, b, q, fn=fn: fn(p, rest, b, q), (params, bio, qa), repeats=1)
+        r = measure.measure_jax(lambda p, b, q, fn=fn: fn(p, rest, b, q), (params, bio, qa), 1)
         sweep[c] = {"seconds": r["seconds"], "peak_mb": r["peak_bytes"] / measure.MB}
         print(f"  lean, chunks of {c}: {r['seconds']:.3f} s, peak {r['peak_bytes'] / measure.MB:.0f} MB", flush=True)
 

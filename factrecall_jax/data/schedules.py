@@ -162,6 +162,19 @@ class TokenTable:
     def __len__(self):
         return len(self.lengths)
 
+    def bucketed(self, longest: int, buckets: int) -> int:
+        """The length a batch whose longest row is `longest` is padded to: the next of `buckets` lengths of this split
+        (0: `longest` itself). Each length a step sees compiles it once: a subword tokenizer's rows, of many lengths,
+        would otherwise compile a step per new length. With no more distinct lengths than buckets, every length is a
+        bucket and nothing changes (the word tokenizer's). Otherwise the buckets are the longest row and lengths from
+        the upper half of the split's (a batch's longest row is a high quantile of it)."""
+        distinct = np.unique(self.lengths)
+        if not buckets or len(distinct) <= buckets:
+            return longest
+        edges = np.quantile(self.lengths, [1 - 0.5 ** k for k in range(1, buckets)], method="higher")
+        edges = np.unique(np.append(edges, distinct[-1]))
+        return int(edges[np.searchsorted(edges, longest)])
+
     def batch(self, rows: np.ndarray, length: int | None = None, drop: np.ndarray | None = None) -> dict:
         """{"inputs", "targets", "weights"} of `rows`, `length` <= L - 1 tokens each (default: their longest minus one).
 
@@ -228,10 +241,11 @@ def value_dropout(value_ids: np.ndarray, rate: float, seed: int, phase: int, ste
 
 
 def phase_batches(phases, index: int, start: int, stop: int, tables: Mapping[str, TokenTable], seed: int,
-                  bio_value_dropout: float = 0.0) -> dict:
+                  bio_value_dropout: float = 0.0, length_buckets: int = 0) -> dict:
     """Steps start..stop-1 (counted within phase `index`) stacked on a leading axis: {task: {name: [K, B, T]}}.
 
-    All K batches of a task share one length (the longest of them), so they stack; K is what one jitted call fuses.
+    All K batches of a task share one length (the longest of them, padded up to one of `length_buckets` lengths of
+    its split: `TokenTable.bucketed`), so they stack; K is what one jitted call fuses.
     """
     phase = phases[index]
     out = {}
@@ -242,7 +256,7 @@ def phase_batches(phases, index: int, start: int, stop: int, tables: Mapping[str
             rows = [people_rows(phases, index, task, step, tables, seed) for step in range(start, stop)]
         else:
             rows = [row_indices(len(table), size, seed, index, task_id, step) for step in range(start, stop)]
-        length = int(max(table.lengths[r].max() for r in rows)) - 1
+        length = table.bucketed(int(max(table.lengths[r].max() for r in rows)), length_buckets) - 1
         batches = []
         for step, r in zip(range(start, stop), rows):
             drop = None
