@@ -23,8 +23,8 @@ from factrecall_jax import errors, stacking
 from factrecall_jax.models.layers import LOGICAL_AXES
 from factrecall_jax.trace import PairStatistics, TraceResult
 
-__all__ = ["RULES", "SCOPES", "check_fraction", "concentration", "gradient_consistency", "head_counts", "module_counts", "neuron_counts",
-           "pair_cosines", "shared_parameters", "top_fraction_mask"]
+__all__ = ["RULES", "SCOPES", "check_fraction", "concentration", "gradient_consistency", "head_counts", "module_counts",
+           "neuron_counts", "pair_cosines", "shared_parameters", "top_fraction_mask"]
 
 HEAD_AXIS, KV_HEAD_AXIS, NEURON_AXIS = LOGICAL_AXES["N"], LOGICAL_AXES["K"], LOGICAL_AXES["F"]
 RULES = ("intersection", "cross")

@@ -189,10 +189,13 @@ def _mesh(config):
 
 
 def _model(config):
+    _check(config.dtype in DTYPES, "dtype", config.dtype, f"one of {', '.join(DTYPES)}")
     if config.init_from:
         _folder_or_hub_id("init_from", config.init_from, ["config.json"],
                           '"" (train config.model from scratch), a Hugging Face checkpoint folder')
     hf_config = config.model.to_dict()
+    if config.init_from and not hf_config:  # the checkpoint's config.json is the architecture
+        return
     model_type = hf_config.get("model_type")
     _check(model_type in models.MODELS, "model.model_type", model_type, f"one of {', '.join(models.MODELS)}")
     try:  # the vocabulary size comes from the tokenizer when the config has none
@@ -200,7 +203,6 @@ def _model(config):
     except errors.InvalidValue as e:
         message = str(e)
         raise errors.InvalidValue(f"model.{message}" if re.match(r"\w+=", message) else f"model: {message}") from None
-    _check(config.dtype in DTYPES, "dtype", config.dtype, f"one of {', '.join(DTYPES)}")
 
 
 def _tokenizer(config):
@@ -428,7 +430,8 @@ class RunConfig:
             section, _, field = name.partition(".")
             if field:
                 old = getattr(config, section)
-                value = {**old, field: value} if isinstance(old, Mapping) else dataclasses.replace(old, **{field: value})
+                value = ({**old, field: value} if isinstance(old, Mapping)
+                         else dataclasses.replace(old, **{field: value}))
             config = dataclasses.replace(config, **{section: value})
         return config
 

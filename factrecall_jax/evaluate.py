@@ -66,7 +66,8 @@ class Evaluator:
             values = np.where(np.arange(len(rows))[:, None] < len(table), table.value_ids[rows, 1:], -1)
             batch = table.batch(rows, length)
             self._batches[split] = [
-                jax.device_put({"inputs": batch["inputs"][i:i + batch_size], "targets": batch["targets"][i:i + batch_size],
+                jax.device_put({"inputs": batch["inputs"][i:i + batch_size],
+                                "targets": batch["targets"][i:i + batch_size],
                                 "values": values[i:i + batch_size]}, sharding)
                 for i in range(0, len(rows), batch_size)]
 

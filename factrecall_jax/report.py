@@ -327,7 +327,8 @@ def shared_table(trace_summary: dict, rule: str = "intersection", scope: str = "
     """Shared parameters per regime: total, and per module group (count and share of the group's parameters)."""
     regimes = list(trace_summary)
     groups = {g for r in regimes for g in grouped_counts(trace_summary[r]["shared"][scope][rule])}
-    order = [g for g in dict.fromkeys(MODULE_GROUPS.values()) if g in groups] + sorted(groups - set(MODULE_GROUPS.values()))
+    known = dict.fromkeys(MODULE_GROUPS.values())
+    order = [g for g in known if g in groups] + sorted(groups - set(known))
     top_k = trace_summary[regimes[0]]["shared"][scope][rule]["head_concentration"]["top_k"]
     lines = ["| regime | shared | " + " | ".join(order) + f" | share of the top {top_k} heads | Gini (heads) | "
              "share of the top 10 MLP neurons | Gini (neurons) |", "|---" * (len(order) + 6) + "|"]

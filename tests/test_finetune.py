@@ -278,7 +278,8 @@ def test_job_reports_both_regimes_and_looks_inside(finetuned):
     for key in ("qa_train_accuracy", "qa_test_accuracy", "bio_accuracy"):
         assert rows["mixed", "none", "-", "-"]["accuracies"][key] == summary["mixed"][key]
     for scope in ("global", "tensor"):
-        assert rows["mixed", "ablate", scope, "shared"]["count"] == rows["mixed", "ablate", scope, "random"]["count"] > 0
+        shared, rand = (rows["mixed", "ablate", scope, mask]["count"] for mask in ("shared", "random"))
+        assert shared == rand > 0
 
     with open(os.path.join(workdir, "report.md"), encoding="utf-8") as f:
         text = f.read()

@@ -217,8 +217,8 @@ def test_memory_check_refuses_a_plan_over_the_limit_before_writing_anything(tmp_
     done = launch("train", TINY, f"--workdir={workdir}", "--config.memory.limit_gib=0.001")
     assert done.returncode == 2, done.stderr[-3000:]
     printed = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(printed) == 1 and printed[0].startswith("error: memory check: train_step (mixed: 8 BIO + 8 QA) needs "), \
-        done.stderr[-3000:]
+    assert len(printed) == 1, done.stderr[-3000:]
+    assert printed[0].startswith("error: memory check: train_step (mixed: 8 BIO + 8 QA) needs "), printed
     assert "more than the 0.001 GiB of one device (config.memory.limit_gib; rows of 64 tokens" in printed[0]
     assert not workdir.exists() and os.listdir(tmp_path) == []
     done = launch("train", TINY, f"--workdir={workdir}", "--config.memory.limit_gib=4", "--config.mixed.steps=4",

@@ -44,8 +44,8 @@ def _loop(loss_of_params, params, bio, qa):
         sums = [[np.zeros(x.shape) for x in jax.tree.leaves(params)] for _ in range(3)]
         pairs = {k: [] for k in trace.PairStatistics.__dataclass_fields__}
         for i in range(n):
-            b, q = ([np.asarray(g, np.float64) for g in jax.tree.leaves(grad(params64, jax.tree.map(lambda x: x[i], t)))]
-                    for t in (bio, qa))
+            b, q = ([np.asarray(g, np.float64) for g in jax.tree.leaves(grad(params64, jax.tree.map(
+                lambda x: x[i], t)))] for t in (bio, qa))
             for k, (gb, gq) in enumerate(zip(b, q)):
                 sums[0][k] += np.abs(gb)
                 sums[1][k] += np.abs(gq)
@@ -370,7 +370,7 @@ def test_combine_is_the_weighted_sum_and_save_load_round_trips(tmp_path):
 def test_importing_the_trace_and_analysis_pulls_no_heavy_dependency():
     import subprocess
     import sys
-    code = ("import sys, factrecall_jax.trace, factrecall_jax.analysis; "
-            "print(sorted(m for m in ('transformers', 'datasets', 'orbax', 'matplotlib', 'torch') if m in sys.modules))")
+    code = ("import sys, factrecall_jax.trace, factrecall_jax.analysis; print(sorted(m for m in "
+            "('transformers', 'datasets', 'orbax', 'matplotlib', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

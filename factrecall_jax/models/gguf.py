@@ -22,8 +22,8 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, ov
     Returns the folder's absolute path.
     """
     if missing := [name for name in REQUIRED if importlib.util.find_spec(name) is None]:
-        raise errors.MissingPackage(f"converting a GGUF file needs {', '.join(missing)}, which transformers reads it with: "
-                             f"pip install {' '.join(missing)}")
+        raise errors.MissingPackage(f"converting a GGUF file needs {', '.join(missing)}, which transformers reads it "
+                                    f"with: pip install {' '.join(missing)}")
     import torch
     import transformers
 

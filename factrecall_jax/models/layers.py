@@ -291,9 +291,9 @@ def scan_layers(stacked: nnx.Module, x: jax.Array, *args, collect: bool = False,
 class CausalLM(nnx.Module):
     """embed -> the stacked layers (`self.layers`, one scan) -> unembed, with each stage callable on its own.
 
-    The stages are public because representation analyses read the residual stream between layers. Subclasses set `config`, `layers` and `remat` (what a training
-    step's backward pass keeps of each layer: REMAT_POLICIES) and name their embedding,
-    final norm and head as their Hugging Face checkpoints do, returning them from `_ends`.
+    The stages are public because representation analyses read the residual stream between layers. Subclasses set
+    `config`, `layers` and `remat` (what a training step's backward pass keeps of each layer: REMAT_POLICIES) and
+    name their embedding, final norm and head as their Hugging Face checkpoints do, returning them from `_ends`.
     """
 
     def _ends(self) -> tuple[nnx.Embed, nnx.Module, nnx.Module | None]:

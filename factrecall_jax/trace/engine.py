@@ -134,7 +134,8 @@ def _scatter(term: Term, shape, dtype) -> jax.Array:
     onehot, y = term.operands
     g = onehot.ids.shape[0]
     if out[1] != ids_letters[-1] or len(out) - 2 != len(shape) - 1:
-        raise errors.InvalidValue(f"trace: lookup term {term.spec!r}: the vocabulary axis must be the parameter's first")
+        raise errors.InvalidValue(f"trace: lookup term {term.spec!r}: the vocabulary axis must come first in the "
+                                  "parameter")
     positions = ids_letters[1:-1]
     y = jnp.einsum(f"{y_letters}->{out[0]}{positions}{out[2:]}", y).reshape(g, -1, *shape[1:])
     return jnp.zeros((g, *shape), dtype).at[jnp.arange(g)[:, None], onehot.ids.reshape(g, -1)].add(y.astype(dtype))
