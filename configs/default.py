@@ -63,10 +63,11 @@ def get_config(preset=None):
     # AdamW (weight decay on matrices only), linear warmup, cosine decay to end_lr_fraction of the peak over the last
     # decay_fraction of the steps after warmup (1.0: all of them; less: warmup-stable-decay), clipping. A high peak and
     # strong decay make mixed training generalize: Physics 3.1's lr 1e-3 and weight decay 0.1 gave mixed 0.10
-    # held-out here, lr 3e-3 0.51, lr 5e-3 0.58 (docs/search.md).
+    # held-out here, lr 3e-3 0.51, lr 5e-3 0.58 (docs/search.md). Warmup-stable-decay (decay over the last 20%)
+    # lifted the one-hop mean from 0.67 to 0.77-0.79 on three seeds: held-out recall rises during the decay.
     config.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=5e-3, warmup_steps=100, end_lr_fraction=0.1, weight_decay=1.0, b1=0.9, b2=0.98,
-        eps=1e-8, clip_norm=1.0, decay_fraction=1.0))
+        eps=1e-8, clip_norm=1.0, decay_fraction=0.2))
     # Mixed: every step trains on bio_batch biographies and qa_batch training QA pairs; qa_token_share > 0 replaces
     # qa_batch by the rows that make QA that share of a step's tokens (Physics 3.1: 0.8; config.json records them).
     config.mixed = ml_collections.ConfigDict(dict(steps=2500, bio_batch=16, qa_batch=192, qa_token_share=0.8))
@@ -132,9 +133,10 @@ def get_config(preset=None):
     config.train.length_buckets = 3
 
     # launch.reproduce: stage 2 is forked from one stage-1 run at each of these peak learning rates and weight decays
-    # (Physics 3.1's fair two-stage, appendix D, sweeps both and reports the best run).
+    # (Physics 3.1's fair two-stage, appendix D, sweeps both and reports the best run). Weight decay 0.01 against 0.1
+    # changed no stage-2 result measurably (docs/search.md), so one value is swept here.
     config.reproduce = ml_collections.ConfigDict(dict(stage2_learning_rates=(1e-4, 3e-4, 1e-3),
-                                                      stage2_weight_decays=(0.1, 0.01)))
+                                                      stage2_weight_decays=(0.1,)))
     # The look inside (study.mechanisms): TracInCP over num_checkpoints saved steps of each regime, on the six facts
     # of num_people training people (and as many held-out people for consistency), in chunks of chunk_size pairs;
     # shared parameters are the top_fraction by both tasks' summed absolute gradients. trace/<regime>.safetensors keeps

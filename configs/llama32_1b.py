@@ -59,4 +59,8 @@ def get_config():
     config.train.eval_every = 500
     config.train.eval_batch_size = 128
     config.train.checkpoint_every = 1000
+    # The lean trace keeps each chunk's taps: 32 pairs plan to 82.9 GiB on one device, over an 80 GiB GPU (README).
+    config.trace.chunk_size = 16
+    # The masks only: three float32 sums of a 1B model are 15 GiB per regime.
+    config.trace.save_sums = False
     return config

@@ -29,14 +29,14 @@ def summary(dataset_dict, tokenizer, num_people):
 
 
 def main(_):
-    config = _CONFIG.value
-    configuration.validate(config, "data")
+    given = _CONFIG.value
+    config = configuration.read(given, "data")
     with cli.atomic_output_dir(_OUT_DIR.value, overwrite=_OVERWRITE.value) as tmp:
         tokenized, tokenizer = experiment.load_data(config)
         tokenized.save_to_disk(os.path.join(tmp, "dataset"))
         tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2) + "\n")
+            f.write(given.to_json_best_effort(indent=2) + "\n")
     print(summary(tokenized, tokenizer, config.data.num_people))
     print(f"wrote {os.path.abspath(_OUT_DIR.value)}: dataset/, tokenizer/, config.json")
 

@@ -134,12 +134,12 @@ def test_intervene_errors_in_one_line(run, tmp_path, args, message):
 
 
 def test_benchmark_trace_figures_parity_and_profile(tmp_path):
-    """launch.benchmark_trace on a small problem: the issue's JSON keys, the pair dots of torch.func, Opacus and
-    pair_statistics equal to the lean trace's, the lean trace smaller in memory than the reference, and a profile
-    split that adds up."""
+    """launch.benchmark_trace on a small problem: the issue's JSON keys, the pair dots of pair_statistics equal to
+    the lean trace's, the lean trace smaller in memory than the reference, and a profile split that adds up (the
+    torch peers are checked on a checkpoint folder below)."""
     out, profiles = tmp_path / "bench.json", tmp_path / "profiles"
     done = launch("benchmark_trace", "--sizes=default", "--pairs=8", "--seq_len=16", "--chunk_size=4", "--repeats=1",
-                  f"--json_out={out}", f"--profile_dir={profiles}")
+                  "--skip_torch", f"--json_out={out}", f"--profile_dir={profiles}")
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(out.read_text())["default"]
     for key in ("params", "train_step_s", "lean_trace_s", "pair_stats_s", "reference_trace_s", "train_step_peak_mb",
@@ -147,8 +147,6 @@ def test_benchmark_trace_figures_parity_and_profile(tmp_path):
         assert figures[key] > 0, key
     assert figures["lean_peak_mb"] < figures["reference_peak_mb"]
     assert figures["pair_stats_peak_mb"] < figures["lean_peak_mb"] and figures["pair_stats_parity_max_rel"] < 1e-5
-    assert figures["torch_func_s"] > 0 and figures["torch_parity_max_rel"] < 1e-3
-    assert figures["opacus_s"] > 0 and figures["opacus_parity_max_rel"] < 1e-3
     for name, p in figures["profiles"].items():
         assert p["op_seconds"] == pytest.approx(sum(p["parts"].values())) and p["top_ops"], name
     assert set(figures["profiles"]["lean"]["parts"]) <= {"forward and backward", "per-example gradients, their sums "
