@@ -127,9 +127,10 @@ def get_config(preset=None):
     # What the backward pass keeps of each layer (models.layers.REMAT_POLICIES): "none" keeps everything (fastest);
     # "nothing_saveable" recomputes each layer, for models whose activations do not fit (launch.plan measures both).
     config.train.remat = "none"
-    # Rows of a batch are padded up to one of this many lengths of their split (schedules.TokenTable.bucketed), so a
-    # subword tokenizer's varying lengths compile each step a handful of times; the word tokenizer's few lengths are
-    # all buckets, so nothing changes for it. 0: pad each batch to its own longest row.
+    # Rows of a batch are padded up to one of this many lengths of their split (schedules.TokenTable.bucket_lengths),
+    # the same bucket for both tasks of a step, so a subword tokenizer's varying lengths compile each step at most this
+    # many times; the word tokenizer's few lengths are all buckets, so nothing changes for it. 0: pad each batch to its
+    # own longest row.
     config.train.length_buckets = 3
 
     # launch.reproduce: stage 2 is forked from one stage-1 run at each of these peak learning rates and weight decays

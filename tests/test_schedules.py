@@ -1,5 +1,6 @@
 """Training schedules as data: row order, per-batch padding, BIO value dropout, the stacked batches of a phase and
 the people levers (curriculum, power law)."""
+import dataclasses
 import math
 import re
 
@@ -189,6 +190,32 @@ def test_phase_batches_equal_single_step_calls(tables, pad):
                 # the rest is padding that carries no loss
                 fill = 0 if name == "weights" else pad
                 assert np.all(fused[task][name][i, :, t:] == fill)
+
+
+def test_length_buckets_leave_few_lengths_alone_and_bound_the_compiles(tables):
+    """Splits with no more distinct lengths than buckets (the word tokenizer's) are padded as without buckets; rows of
+    many lengths (a subword tokenizer's) give at most `buckets` step shapes, each at least the batch's own longest."""
+    phases = schedules.mixed(40, 8, 6, OPT)
+    few = {name: len(np.unique(table.lengths)) for name, table in tables.items()}
+    plain = schedules.phase_batches(phases, 0, 0, 40, tables, seed=3)
+    same = schedules.phase_batches(phases, 0, 0, 40, tables, seed=3, length_buckets=max(few.values()))
+    for task in plain:
+        for name in plain[task]:
+            np.testing.assert_array_equal(same[task][name], plain[task][name])
+    rng = np.random.default_rng(0)
+    varied = {name: dataclasses.replace(table, lengths=rng.integers(5, table.input_ids.shape[1] + 1, len(table)))
+              for name, table in tables.items()}  # many lengths: each row's last tokens count as padding
+    single = schedules.mixed(40, 1, 1, OPT)  # one row per task: its length varies the most
+    shapes = set()
+    for step in range(40):
+        one = schedules.phase_batches(single, 0, step, step + 1, varied, seed=3, length_buckets=3)
+        plain_step = schedules.phase_batches(single, 0, step, step + 1, varied, seed=3)
+        for task in one:
+            assert one[task]["inputs"].shape[2] >= plain_step[task]["inputs"].shape[2]
+            edges = varied[schedules.TASK_SPLITS[task]].bucket_lengths(3)
+            assert one[task]["inputs"].shape[2] + 1 in edges
+        shapes.add(tuple(one[task]["inputs"].shape[2] for task in sorted(one)))
+    assert 1 < len(shapes) <= 3, shapes
 
 
 def test_bio_value_dropout_in_phase_batches(tables, pad):

@@ -162,18 +162,16 @@ class TokenTable:
     def __len__(self):
         return len(self.lengths)
 
-    def bucketed(self, longest: int, buckets: int) -> int:
-        """The length a batch whose longest row is `longest` is padded to: the next of `buckets` lengths of this split
-        (0: `longest` itself). Each length a step sees compiles it once: a subword tokenizer's rows, of many lengths,
-        would otherwise compile a step per new length. With no more distinct lengths than buckets, every length is a
-        bucket and nothing changes (the word tokenizer's). Otherwise the buckets are the longest row and lengths from
-        the upper half of the split's (a batch's longest row is a high quantile of it)."""
+    def bucket_lengths(self, buckets: int) -> np.ndarray | None:
+        """The `buckets` lengths, ascending, that batches of this split are padded up to: the longest row and lengths
+        from the upper half of the split's (a batch's longest row is a high quantile of it). None, and no padding,
+        where buckets is 0 or the split has no more distinct lengths than that (the word tokenizer's): every length is
+        then its own bucket."""
         distinct = np.unique(self.lengths)
         if not buckets or len(distinct) <= buckets:
-            return longest
-        edges = np.quantile(self.lengths, [1 - 0.5 ** k for k in range(1, buckets)], method="higher")
-        edges = np.unique(np.append(edges, distinct[-1]))
-        return int(edges[np.searchsorted(edges, longest)])
+            return None
+        levels = [1 - 0.5 ** k for k in range(1, buckets)]
+        return np.append(np.quantile(self.lengths, levels, method="higher"), distinct[-1])
 
     def batch(self, rows: np.ndarray, length: int | None = None, drop: np.ndarray | None = None) -> dict:
         """{"inputs", "targets", "weights"} of `rows`, `length` <= L - 1 tokens each (default: their longest minus one).
@@ -244,21 +242,30 @@ def phase_batches(phases, index: int, start: int, stop: int, tables: Mapping[str
                   bio_value_dropout: float = 0.0, length_buckets: int = 0) -> dict:
     """Steps start..stop-1 (counted within phase `index`) stacked on a leading axis: {task: {name: [K, B, T]}}.
 
-    All K batches of a task share one length (the longest of them, padded up to one of `length_buckets` lengths of
-    its split: `TokenTable.bucketed`), so they stack; K is what one jitted call fuses.
+    All K batches of a task share one length (the longest of them), so they stack; K is what one jitted call fuses.
+    With `length_buckets`, that length is padded up to one of its split's `TokenTable.bucket_lengths`, and the tasks
+    of a step take the same bucket (the highest any of them needs), so a step compiles at most `length_buckets` times
+    however many lengths a subword tokenizer's rows have.
     """
     phase = phases[index]
-    out = {}
+    rows, longest = {}, {}
     for task, size in sorted(phase.batch_sizes.items()):
         table = tables[TASK_SPLITS[task]]
         task_id = list(TASK_SPLITS).index(task)
         if phase.people.is_on:
-            rows = [people_rows(phases, index, task, step, tables, seed) for step in range(start, stop)]
+            rows[task] = [people_rows(phases, index, task, step, tables, seed) for step in range(start, stop)]
         else:
-            rows = [row_indices(len(table), size, seed, index, task_id, step) for step in range(start, stop)]
-        length = table.bucketed(int(max(table.lengths[r].max() for r in rows)), length_buckets) - 1
+            rows[task] = [row_indices(len(table), size, seed, index, task_id, step) for step in range(start, stop)]
+        longest[task] = int(max(table.lengths[r].max() for r in rows[task]))
+    buckets = {task: tables[TASK_SPLITS[task]].bucket_lengths(length_buckets) for task in rows}
+    bucket = max((np.searchsorted(edges, longest[task]) for task, edges in buckets.items() if edges is not None),
+                 default=None)
+    out = {}
+    for task, task_rows in rows.items():
+        table = tables[TASK_SPLITS[task]]
+        length = (longest[task] if buckets[task] is None else int(buckets[task][bucket])) - 1
         batches = []
-        for step, r in zip(range(start, stop), rows):
+        for step, r in zip(range(start, stop), task_rows):
             drop = None
             if task == "bio" and bio_value_dropout > 0:
                 drop = value_dropout(table.value_ids[r, :length], bio_value_dropout, seed, index, step)
