@@ -103,15 +103,22 @@ def top_fraction_mask(tree, fraction: float, scope: str = "global"):
     stacked = tuple(scope == "tensor" and s for s in stacking.stacked_leaves(tree))
     if scope == "global":  # one group; its threshold applies to every leaf
         group_sizes = np.array([sum(x.size for x in leaves)])
-        group_counts = lambda counts: np.array([sum(int(c.sum(dtype=np.int64)) for c in counts)])
-        leaf_bits = lambda bits: [bits[0]] * len(leaves)
+        def group_counts(counts):
+            return np.array([sum(int(c.sum(dtype=np.int64)) for c in counts)])
+
+        def leaf_bits(bits):
+            return [bits[0]] * len(leaves)
     else:  # one group per unstacked leaf and per layer of a stacked leaf, in leaf order
         groups = [x.shape[0] if s else 1 for x, s in zip(leaves, stacked)]
         starts = np.cumsum([0] + groups)[:-1]
         group_sizes = np.concatenate([np.full(g, x.size // g) for x, g in zip(leaves, groups)])
-        group_counts = lambda counts: np.concatenate(
-            [c.astype(np.int64) if s else [c.sum(dtype=np.int64)] for c, s in zip(counts, stacked)])
-        leaf_bits = lambda bits: [bits[o:o + g] if s else bits[o] for o, g, s in zip(starts, groups, stacked)]
+
+        def group_counts(counts):
+            return np.concatenate([c.astype(np.int64) if s else [c.sum(dtype=np.int64)]
+                                   for c, s in zip(counts, stacked)])
+
+        def leaf_bits(bits):
+            return [bits[o:o + g] if s else bits[o] for o, g, s in zip(starts, groups, stacked)]
     k = np.maximum(1, np.round(fraction * group_sizes)).astype(np.int64)
     # invariant per group: at least k values have bits >= lo, fewer than k have bits >= hi
     lo, hi = np.zeros_like(k, np.int32), np.full_like(k, _INF_BITS + 1, np.int32)

@@ -131,7 +131,7 @@ def test_top_fraction_mask_rejects_unknown_scope():
 
 # Positions in the tiny Llama: (leaf path, index).
 Q = (("layers", "self_attn", "q_proj", "kernel"), (1, 3, 2, 5))
-O = (("layers", "self_attn", "o_proj", "kernel"), (0, 1, 4, 7))
+OUT = (("layers", "self_attn", "o_proj", "kernel"), (0, 1, 4, 7))
 UP = (("layers", "mlp", "up_proj", "kernel"), (1, 0, 9))
 EMBED = (("embed_tokens", "embedding"), (17, 3))
 NORM = (("norm", "scale"), (6,))
@@ -171,23 +171,23 @@ def _result(bio_abs, qa_abs, cross, *, pair=((), (), ()), layer=((), (), ())):
 def hand_made_result(llama_params):
     size = sum(x.size for x in jax.tree.leaves(llama_params))
     # k = 3 for fraction 3 / size; bio and qa get a small positive background everywhere else, cross stays 0.
-    bio = _tree_with(llama_params, [(Q, 5.0), (O, 4.0), (UP, 3.0), (EMBED, 0.5)])
-    qa = _tree_with(llama_params, [(O, 5.0), (UP, 4.0), (NORM, 3.0), (Q, 0.5)])
-    cross = _tree_with(llama_params, [(Q, 5.0), (O, -10.0), (UP, 3.0), (EMBED, 2.0), (NORM, 1.0)])
+    bio = _tree_with(llama_params, [(Q, 5.0), (OUT, 4.0), (UP, 3.0), (EMBED, 0.5)])
+    qa = _tree_with(llama_params, [(OUT, 5.0), (UP, 4.0), (NORM, 3.0), (Q, 0.5)])
+    cross = _tree_with(llama_params, [(Q, 5.0), (OUT, -10.0), (UP, 3.0), (EMBED, 2.0), (NORM, 1.0)])
     bio, qa = (jax.tree.map(lambda x: x + 1e-3, t) for t in (bio, qa))
     return _result(bio, qa, cross), 3 / size
 
 
 def test_shared_parameters_intersection(hand_made_result):
     result, fraction = hand_made_result
-    assert _positions(analysis.shared_parameters(result, fraction)) == _named(O, UP)  # Q and NORM: top-3 of one only
+    assert _positions(analysis.shared_parameters(result, fraction)) == _named(OUT, UP)  # Q and NORM: top-3 of one only
     everything = analysis.shared_parameters(result, 1.0)
     assert len(_positions(everything)) == sum(x.size for x in jax.tree.leaves(result.bio_abs))
 
 
 def test_shared_parameters_cross_uses_positive_part(hand_made_result):
     result, fraction = hand_made_result
-    # O has the largest magnitude, but BIO and QA gradients disagree there.
+    # OUT has the largest magnitude, but BIO and QA gradients disagree there.
     assert _positions(analysis.shared_parameters(result, fraction, rule="cross")) == _named(Q, UP, EMBED)
     assert _positions(analysis.shared_parameters(result, 1.0, rule="cross")) == _named(Q, UP, EMBED, NORM)
 

@@ -83,7 +83,7 @@ def test_bfloat16(name, hf_checkpoints, input_ids, logits_of):
 
 
 def test_from_config_default_tiny_config():
-    """The configs/default.py model: its configured init scale, the expected parameter count, finite loss and gradients."""
+    """The configs/default.py model: its configured init scale, parameter count, finite loss and gradients."""
     hf_config = _default_model_config()
     model = models.from_config(hf_config, seed=0)
     assert isinstance(model, models.Llama)
