@@ -1,7 +1,7 @@
 """How often a subword-tokenized run compiles its train step, with and without length buckets (config.train.
 length_buckets): 20 mixed steps of a Hugging Face checkpoint at 8 + 8 rows, one step per call.
 
-    python docs/bucket_compiles.py --model=$HOME/.cache/factrecall-jax/SmolLM2-135M-Instruct
+    python docs/bucket_compiles.py --model=$HOME/.cache/factrecall-jax/SmolLM2-135M-Instruct [--buckets=0,3]
 
 Prints, per setting, the compiles of the fused train step (`jax_log_compiles`) and the wall time of the run.
 """
@@ -33,11 +33,12 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True, help="A Hugging Face checkpoint folder (config, weights, tokenizer).")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--buckets", default="0,3", help="The settings of train.length_buckets to run, in order.")
     args = parser.parse_args()
     jax.config.update("jax_log_compiles", True)
     compiles = _Compiles()
     logging.getLogger("jax").addHandler(compiles)
-    for buckets in (0, 3):
+    for buckets in map(int, args.buckets.split(",")):
         config = override(config_file("default.py"), **{
             "init_from": args.model, "tokenizer": args.model, "model": {}, "qa_loss": "answer",
             "data.num_people": 40, "mixed.steps": args.steps, "mixed.bio_batch": 8, "mixed.qa_batch": 8,

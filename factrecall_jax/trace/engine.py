@@ -454,11 +454,12 @@ def _check_arguments(params, bio_batch, qa_batch, method, chunk_size, dtype, mes
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise errors.InvalidValue(f"chunk_size={chunk_size!r} is invalid: expected a positive integer")
     try:
+        name = jnp.dtype(dtype).name
         floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
     except TypeError:
-        floating = False
+        name, floating = repr(dtype), False
     if not floating:
-        raise errors.InvalidValue(f"dtype={dtype!r} is invalid: expected a floating dtype (float32, bfloat16, ...)")
+        raise errors.InvalidValue(f"dtype={name} is invalid: expected a floating dtype (float32, bfloat16, ...)")
     split = 1 if mesh is None else sharding.batch_devices(mesh)
     if chunk_size % split:
         raise errors.InvalidValue(f"chunk_size={chunk_size} is invalid on a mesh whose batch axes span {split} "
