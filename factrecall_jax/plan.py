@@ -8,6 +8,7 @@ batch sizes and mesh, rows of `seq_len` tokens. The figures are arguments, outpu
 at once (outputs that reuse donated arguments counted once).
 """
 import dataclasses
+import functools
 import glob
 import os
 import re
@@ -113,15 +114,16 @@ def device_limit(config: RunConfig) -> tuple[float | None, str]:
 
 
 # Settings tried, in order, when a plan does not fit: the mesh, the remat policy, micro-batches, smaller trace chunks.
-def _alternatives(config: RunConfig) -> Iterator[dict]:
-    fsdp = {"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1} if dict(config.mesh) != {"data": 1, "fsdp": -1,
-                                                                                      "tensor": 1} else {}
-    remat = {"train.remat": "nothing_saveable"} if config.train.remat != "nothing_saveable" else {}
-    for accum in (1, 2, 4, 8):
-        micro = {"train.grad_accum_steps": config.train.grad_accum_steps * accum} if accum > 1 else {}
-        for change in ({}, fsdp, remat, {**fsdp, **remat}):
-            if change or micro:
-                yield {**change, **micro}
+def _alternatives(config: RunConfig) -> list[dict]:
+    """Changes that cut a plan's memory, each adding to the one before: FSDP over all devices, then remat of every
+    layer, then 2, 4 and 8 micro-batches."""
+    cuts = []
+    if dict(config.mesh) != {"data": 1, "fsdp": -1, "tensor": 1}:
+        cuts.append({"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1})
+    if config.train.remat != "nothing_saveable":
+        cuts.append({"train.remat": "nothing_saveable"})
+    cuts += [{"train.grad_accum_steps": config.train.grad_accum_steps * accum} for accum in (2, 4, 8)]
+    return [functools.reduce(lambda a, b: {**a, **b}, cuts[:i + 1]) for i in range(len(cuts))]
 
 
 def _fits(config: RunConfig, job: str, seq_len: int, limit: float) -> bool:
@@ -149,8 +151,10 @@ def check(config: RunConfig, job: str, log=print) -> None:
         log(f"memory check: fits; the largest program, {program} ({label}), needs {worst.total_gib:.3g} GiB per "
             f"device of {limit:.3g} ({source}; rows of {seq_len} tokens)")
         return
-    fitting = next((change for change in _alternatives(config)
-                    if _fits(config.replace(**change), job, seq_len, limit)), None)
+    changes = _alternatives(config)  # the last cuts the most: where it does not fit, none does (one compile)
+    fitting = None
+    if _fits(config.replace(**changes[-1]), job, seq_len, limit):
+        fitting = next(change for change in changes if _fits(config.replace(**change), job, seq_len, limit))
     advice = ("it fits with " + " ".join(f"--config.{k}={v}" for k, v in fitting.items()) if fitting is not None
               else "no mesh, remat or micro-batch setting tried fits: more devices, or smaller batches")
     raise errors.InvalidValue(

@@ -11,6 +11,7 @@ from flax import nnx
 
 from conftest import config_file
 from factrecall_jax import configuration, experiment, models, sharding
+from factrecall_jax import plan as plan_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES, SEQ_LEN = 8, 16
@@ -58,3 +59,15 @@ def test_plan_arguments_and_outputs_are_the_shards_each_device_holds(plan):
     assert 0 <= train["outputs_gib"] - 3 * params < 1024
     assert 0 <= train["total_gib"] - train["arguments_gib"] - train["temporaries_gib"] < 1024
     assert "| train_step |" in stdout and "largest temporaries of lean_trace:" in stdout
+
+
+def test_memory_advice_tries_cuts_that_add_up_most_frugal_last():
+    """plan.check compiles the last (most frugal) change first: where it does not fit, nothing tried does."""
+    fsdp = {"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1}
+    changes = plan_lib._alternatives(configuration.read(config_file("default.py", "tiny")))
+    remat = {**fsdp, "train.remat": "nothing_saveable"}
+    assert changes == [fsdp, remat, *({**remat, "train.grad_accum_steps": a} for a in (2, 4, 8))]
+    real = configuration.read(config_file("llama32_1b.py"), "data")  # FSDP already; remat is its own
+    assert plan_lib._alternatives(real)[0] == ({"train.remat": "nothing_saveable"} if real.train.remat != "nothing_saveable"
+                                           else {"train.grad_accum_steps": 2 * real.train.grad_accum_steps})
+    assert plan_lib._alternatives(real)[-1]["train.grad_accum_steps"] == 8 * real.train.grad_accum_steps
