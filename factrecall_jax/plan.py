@@ -113,7 +113,6 @@ def device_limit(config: RunConfig) -> tuple[float | None, str]:
     return None, f"the {jax.default_backend()} backend reports no memory limit"
 
 
-# Settings tried, in order, when a plan does not fit: the mesh, the remat policy, micro-batches, smaller trace chunks.
 def _alternatives(config: RunConfig) -> list[dict]:
     """Changes that cut a plan's memory, each adding to the one before: FSDP over all devices, then remat of every
     layer, then 2, 4 and 8 micro-batches."""
