@@ -53,12 +53,17 @@ def validate(config, job: str = "train") -> None:
         raise errors.InvalidValue(f"{len(problems)} problems in the config: " + "; ".join(map(str, problems)))
 
 
+def _known_fields(name: str, section, cls, label: str, exclude=frozenset()) -> None:
+    """Refuses a config section's field that the dataclass `cls` (called `label` in the message) does not have."""
+    fields = {f.name for f in dataclasses.fields(cls)} - set(exclude)
+    if unknown := sorted(set(section) - fields):
+        raise errors.InvalidValue(f"{name}.{unknown[0]} is not a field of {label}: expected some of "
+                                  f"{', '.join(sorted(fields))}")
+
+
 def dataset_config(config) -> data.DatasetConfig:
     """The data.DatasetConfig of `config.data` and `config.seed` (the one seed); its errors name the config field."""
-    fields = {f.name for f in dataclasses.fields(data.DatasetConfig)} - {"seed"}
-    if unknown := sorted(set(config.data) - fields):
-        raise errors.InvalidValue(f"data.{unknown[0]} is not a field of data.DatasetConfig: expected some of "
-                                  f"{', '.join(sorted(fields))}")
+    _known_fields("data", config.data, data.DatasetConfig, "data.DatasetConfig", exclude={"seed"})
     _check(_is_int(config.seed) and config.seed >= 0, "seed", config.seed, "an integer >= 0")
     try:
         return data.DatasetConfig(seed=config.seed, **config.data)
@@ -151,10 +156,7 @@ def _schedules(config):
 
 
 def _people(config):
-    fields = {f.name for f in dataclasses.fields(schedules.PeopleSampling)}
-    if unknown := sorted(set(_get(config, "people")) - fields):
-        raise errors.InvalidValue(f"people.{unknown[0]} is not a field of schedules.PeopleSampling: expected some of "
-                                  f"{', '.join(sorted(fields))}")
+    _known_fields("people", _get(config, "people"), schedules.PeopleSampling, "schedules.PeopleSampling")
     start = _get(config, "people.start_fraction")
     _check(_is_number(start) and 0 < start <= 1, "people.start_fraction", start,
            "a fraction in (0, 1] (1.0: all people from the start)")
@@ -166,10 +168,7 @@ def _people(config):
 
 
 def _optimizers(config):
-    fields = {f.name for f in dataclasses.fields(train_lib.OptimizerConfig)}
-    if unknown := sorted(set(config.optimizer) - fields):
-        raise errors.InvalidValue(f"optimizer.{unknown[0]} is not a field of train.OptimizerConfig: expected some of "
-                                  f"{', '.join(sorted(fields))}")
+    _known_fields("optimizer", config.optimizer, train_lib.OptimizerConfig, "train.OptimizerConfig")
     train_lib.OptimizerConfig(**config.optimizer)  # its errors name the field: "optimizer.learning_rate=0 ..."
     for name, positive in (("stage2_learning_rate", True), ("stage2_weight_decay", False)):  # stage 2's own
         value = config.two_stage[name]
@@ -233,11 +232,8 @@ def _train(config):
 
 
 def _memory(config):
-    fields = {f.name for f in dataclasses.fields(Memory)}
     section = config.get("memory", {})
-    if unknown := sorted(set(section) - fields):
-        raise errors.InvalidValue(f"memory.{unknown[0]} is not a field of configuration.Memory: expected some of "
-                                  f"{', '.join(sorted(fields))}")
+    _known_fields("memory", section, Memory, "configuration.Memory")
     limit = section.get("limit_gib", 0.0)
     _check(_is_nonnegative(limit), "memory.limit_gib", limit, "0 (the device's own) or a number of GiB")
     seq_len = section.get("seq_len", Memory.seq_len)
@@ -246,8 +242,7 @@ def _memory(config):
 
 def _base(config):
     section = config.get("base", {})
-    if unknown := sorted(set(section) - {f.name for f in dataclasses.fields(Base)}):
-        raise errors.InvalidValue(f"base.{unknown[0]} is not a field of configuration.Base: expected num_people, seed")
+    _known_fields("base", section, Base, "configuration.Base")
     people, seed = section.get("num_people", 0), section.get("seed", Base.seed)
     _check(_is_int(people) and people >= 0, "base.num_people", people, "0 (no base) or a number of people")
     _check(_is_int(seed) and seed >= 0 and seed != config.seed, "base.seed", seed,

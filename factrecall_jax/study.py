@@ -294,10 +294,8 @@ def reproduce(config, workdir: str, log=print) -> dict:
     start = time.perf_counter()
     config = configuration.read(config, "reproduce")  # before the work directory exists
     experiment.write_config(config, workdir)
-    base = None
     if config.base.num_people:
         config = pretrained_base(config, os.path.join(workdir, "base"), log)
-        base = experiment.load_config(os.path.join(workdir, "base", "run"))
     runs = {}
 
     def run(name, run_config, **kw):
@@ -321,8 +319,8 @@ def reproduce(config, workdir: str, log=print) -> dict:
     inspected = fairest or max(sweep, key=lambda e: e["qa_test_accuracy"])
     stage2_dir = runs[_stage2_name(inspected["stage2_lr"], inspected["stage2_weight_decay"])]
     summary = {"mixed": mixed, "two_stage": fairest, "two_stage_sweep": sweep, "two_stage_after_stage1": stage1,
-               **({} if base is None else {"base": metrics.read_metrics(os.path.join(
-                   workdir, "base", "run", "metrics.jsonl"))[-1]["eval"] | {"num_people": base.data.num_people}}),
+               **({} if not config.base.num_people else {"base": metrics.read_metrics(os.path.join(
+                   workdir, "base", "run", "metrics.jsonl"))[-1]["eval"] | {"num_people": config.base.num_people}}),
                **mechanisms({"mixed": runs["mixed"], "two_stage": stage2_dir}, os.path.join(workdir, "trace"),
                             config.trace, seed=config.seed, log=log),
                "wall_seconds": time.perf_counter() - start}
